@@ -44,6 +44,8 @@ class ServerConfig:
     max_in_flight_per_key: int = attrs.field(default=256, validator=_positive)
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0
+    demo: bool = True  # offer the built-in demo upstream and models (no upstream needed)
+    drain_seconds: float = 5.0  # after a client disconnect, keep reading the upstream this long for its usage
     first_user: str = "admin"  # created with one key on first start with an empty database
     first_user_balance: Decimal = Decimal("10.00")
     key_cache_seconds: float = 5.0  # how often the key cache checks for changes made by other processes
@@ -119,7 +121,6 @@ class Config:
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     billing: BillingConfig = attrs.Factory(BillingConfig)
-    extra: dict[str, Any] = attrs.Factory(dict)  # tables owned by plugins ([tasks], [metrics], ...)
     path: str | None = None  # the file it came from
     base_dir: str = "."
 
@@ -208,11 +209,13 @@ PRICE_CORE_KEYS = {"scheme"}
 def _describe(exc: BaseException, file: str | None, table: str) -> ConfigError:
     """Turn a cattrs error group into one ConfigError naming table and key."""
     if isinstance(exc, cattrs.ClassValidationError):
-        msgs = cattrs.transform_error(exc, path=table)
-        # transform_error yields "message @ $path"
+        msgs = cattrs.transform_error(exc, path="$")
+        # transform_error yields "message @ $.table.key"
         first = msgs[0] if msgs else str(exc)
         msg, _, where = first.rpartition(" @ ")
-        where = where or table
+        where = where.removeprefix("$").removeprefix(".")
+        if table:
+            where = f"{table}.{where}" if where else table
         tbl, _, key = where.rpartition(".")
         extra = f" (and {len(msgs) - 1} more problem(s))" if len(msgs) > 1 else ""
         return ConfigError((msg or first) + extra, file=file, table=tbl or table, key=key or None)
@@ -222,8 +225,10 @@ def _describe(exc: BaseException, file: str | None, table: str) -> ConfigError:
 def parse_config(data: dict[str, Any], *, file: str | None = None, base_dir: str = ".") -> Config:
     """Phase one: the core tables (plugin-owned options stay raw dicts)."""
     data = substitute_env(data)
-    core = {k: v for k, v in data.items() if k in CORE_TABLES}
-    extra = {k: v for k, v in data.items() if k not in CORE_TABLES}
+    unknown = sorted(k for k in data if k not in CORE_TABLES)
+    if unknown:
+        raise ConfigError(f"unknown table or key {unknown[0]!r} (known: {', '.join(sorted(CORE_TABLES))})", file=file, key=unknown[0])
+    core = dict(data)
     # keep the provider / scheme specific keys aside for phase two
     raw_up_opts: list[dict[str, Any]] = []
     for i, up in enumerate(core.get("upstreams", []) or []):
@@ -248,7 +253,7 @@ def parse_config(data: dict[str, Any], *, file: str | None = None, base_dir: str
         raise _describe(exc, file, "") from None
     ups = [attrs.evolve(u, options=o) for u, o in zip(cfg.upstreams, raw_up_opts)]
     models = [attrs.evolve(m, price=attrs.evolve(m.price, options=o)) for m, o in zip(cfg.models, raw_price_opts)]
-    return attrs.evolve(cfg, upstreams=ups, models=models, extra=extra, path=file, base_dir=base_dir)
+    return attrs.evolve(cfg, upstreams=ups, models=models, path=file, base_dir=base_dir)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

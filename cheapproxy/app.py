@@ -1,0 +1,226 @@
+"""Application assembly: ``make_app(config, registry)`` is the only place the
+parts are put together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import time
+from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import structlog
+from aiohttp import web
+
+from . import __version__, pipeline
+from .app_keys import PROXY_KEY
+from .auth import KeyCache
+from .billing import Billing
+from .catalog import Catalog, build_catalog, with_defaults
+from .config import Config
+from .errors import ConfigError, ProxyError
+from .events import UpstreamCooledDown
+from .logging import add_secret
+from .ratelimit import RateLimiter
+from .registry import Registry
+from .upstream import Breaker, UpstreamClient
+
+log = structlog.get_logger("cheapproxy.app")
+
+
+def open_storage(config: Config, registry: Registry) -> Any:
+    url = config.server.database
+    scheme = urlsplit(url).scheme.split("+")[0]
+    factory = registry.storage_backends.get(scheme)
+    if factory is None:
+        known = ", ".join(sorted(registry.storage_backends)) or "none"
+        raise ConfigError(f"no storage backend for {scheme!r} URLs (installed: {known})", file=config.path, table="server", key="database")
+    return factory(url, config.base_dir)
+
+
+class Proxy:
+    """The running gateway's state (stored on the app under PROXY_KEY)."""
+
+    def __init__(self, config: Config, registry: Registry, catalog: Catalog, storage: Any) -> None:
+        self.config = config
+        self.registry = registry
+        self.catalog = catalog
+        self.storage = storage
+        self.billing = Billing(storage)
+        self.keys = KeyCache(storage, refresh_seconds=config.server.key_cache_seconds)
+        self.ratelimiter = RateLimiter()
+        r = config.routing
+        self.clients = {
+            name: UpstreamClient(u, Breaker(r.cooldown_after_failures, r.cooldown_base_seconds, r.cooldown_max_seconds))
+            for name, u in catalog.upstreams.items()
+        }
+        for u in catalog.upstreams.values():
+            add_secret(u.config.api_key)
+        self.draining = False
+        self.inflight = 0
+        self.inflight_by_key: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._events: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+        self.dropped_events = 0
+        self.streams: set[Any] = set()
+        self.started_at = time.time()
+
+    # ---- background work
+
+    def track(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` on a task the app waits for at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def wait_idle(self) -> None:
+        """Wait until every tracked task (settlements) finished (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def emit(self, event: Any) -> None:
+        if not self.registry.pm.hook.track_event.get_hookimpls():
+            return
+        try:
+            self._events.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped_events += 1
+
+    def emit_cooldown(self, upstream: str) -> None:
+        self.emit(UpstreamCooledDown(upstream=upstream))
+
+    async def _dispatch_events(self) -> None:
+        hook = self.registry.pm.hook.track_event
+        while True:
+            event = await self._events.get()
+            try:
+                for res in hook(event=event):
+                    if asyncio.iscoroutine(res):
+                        await res
+            except Exception:  # noqa: BLE001 - an observer must not break the gateway
+                log.exception("plugin.track_event_failed")
+            finally:
+                self._events.task_done()
+
+    # ---- admission
+
+    @contextlib.asynccontextmanager
+    async def admission(self, key: Any) -> AsyncIterator[None]:
+        s = self.config.server
+        if self.inflight >= s.max_in_flight:
+            raise ProxyError("overloaded", "The gateway is at capacity; retry shortly.", retry_after=1)
+        n = self.inflight_by_key.get(key.id, 0)
+        if n >= s.max_in_flight_per_key:
+            raise ProxyError("rate_limited", f"Too many concurrent requests for this key (limit {s.max_in_flight_per_key}).", retry_after=1)
+        self.inflight += 1
+        self.inflight_by_key[key.id] = n + 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            left = self.inflight_by_key[key.id] - 1
+            if left:
+                self.inflight_by_key[key.id] = left
+            else:
+                del self.inflight_by_key[key.id]
+
+    def register_stream(self, upstream_response: Any) -> Any:
+        """Remember an open upstream stream so shutdown can end it."""
+        self.streams.add(upstream_response)
+        return upstream_response
+
+    async def end_streams(self) -> None:
+        """After the grace period: close every upstream stream still open; each
+        handler then sends its protocol's in-stream error and ends."""
+        for resp in list(self.streams):
+            resp.close()
+        deadline = time.monotonic() + 5
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def weighted_order(self, clients: list[UpstreamClient]) -> list[UpstreamClient]:
+        """Weighted random order (load spreading); the rest stay as fallbacks."""
+        pool = list(clients)
+        out: list[UpstreamClient] = []
+        while pool:
+            pick = random.choices(pool, weights=[max(0, c.upstream.config.weight) or 0.0001 for c in pool])[0]
+            out.append(pick)
+            pool.remove(pick)
+        return out
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    proxy = app[PROXY_KEY]
+    await proxy.storage.open()
+    for c in proxy.clients.values():
+        await c.open()
+    dispatcher = asyncio.get_running_loop().create_task(proxy._dispatch_events())
+    stack = contextlib.AsyncExitStack()
+    try:
+        for cm in proxy.registry.pm.hook.lifespan(proxy=proxy):
+            if cm is not None:
+                await stack.enter_async_context(cm)
+        yield
+    finally:
+        await proxy.wait_idle()
+        await stack.aclose()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proxy._events.join(), 5)
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
+        for c in proxy.clients.values():
+            await c.close()
+        await proxy.storage.close()
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    request["request_id"] = "req_" + secrets.token_hex(12)
+    return await handler(request)
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get("request_id")
+    if rid:
+        response.headers["x-request-id"] = rid
+
+
+def make_app(config: Config, registry: Registry, *, storage: Any = None) -> web.Application:
+    """Build the aiohttp application (validates config against the registry)."""
+    from . import views
+
+    config = with_defaults(config, registry)
+    catalog = build_catalog(config, registry)
+    storage = storage if storage is not None else open_storage(config, registry)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[request_id_middleware])
+    proxy = Proxy(config, registry, catalog, storage)
+    app[PROXY_KEY] = proxy
+    app.on_response_prepare.append(_on_prepare)
+    app.cleanup_ctx.append(_lifecycle)
+    taken: set[tuple[str, str]] = set()
+
+    def add(method: str, path: str, handler: Callable[..., Any], owner: str) -> None:
+        if (method, path) in taken:
+            raise ConfigError(f"route {method} {path} from {owner} is already served")
+        taken.add((method, path))
+        app.router.add_route(method, path, handler)
+
+    views.add_core_routes(add)
+    for proto in registry.protocols.values():
+        for route in proto.routes():
+            add(route.method, route.path, _protocol_handler(proto, route), f"protocol {proto.name}")
+    for method, path, handler, plugin in registry.routes:
+        add(method, path, handler, f"plugin {plugin}")
+    return app
+
+
+def _protocol_handler(proto: Any, route: Any) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await pipeline.handle(request.app[PROXY_KEY], proto, route, request)
+
+    handler.__name__ = f"{proto.name}:{route.operation}"
+    return handler

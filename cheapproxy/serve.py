@@ -1,0 +1,119 @@
+"""``cheapproxy serve``: first-start bootstrap, the server loop, graceful drain
+on SIGTERM/SIGINT, and ``--workers N`` processes sharing the port."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from .app import make_app, open_storage
+from .app_keys import PROXY_KEY
+from .config import Config
+from .logging import configure
+from .registry import Registry
+
+
+async def bootstrap(config: Config, registry: Registry) -> str | None:
+    """On first start with an empty database: create a user and one key.
+    Returns the message to print (the key is shown once), or None."""
+    from .cli_keys import create_key
+
+    storage = open_storage(config, registry)
+    await storage.open()
+    try:
+        if await storage.count_users():
+            return None
+        s = config.server
+        await storage.create_user(s.first_user, s.first_user_balance)
+        rec, secret = await create_key(storage, s.first_user, label="first key")
+        return (
+            f"First start: created user '{s.first_user}' with ${s.first_user_balance} and this API key "
+            f"(shown once, keep it):\n\n    {secret}\n"
+        )
+    finally:
+        await storage.close()
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_forever(config: Config, registry: Registry, host: str, port: int, *, reuse_port: bool = False,
+                        announce: bool = True) -> None:
+    app = make_app(config, registry)
+    proxy = app[PROXY_KEY]
+    grace = config.server.shutdown_grace_seconds
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace,
+                           handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
+    await site.start()
+    if announce:
+        print(f"cheapproxy listening on http://{host}:{port}  (models: {', '.join(proxy.catalog.models)})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # drain: /health says draining and new requests get 503 while in-flight ones finish
+    proxy.draining = True
+    deadline = time.monotonic() + grace
+    while proxy.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await proxy.end_streams()
+    await runner.cleanup()
+
+
+def _worker(config: Config, host: str, port: int) -> None:
+    from .registry import build_registry
+
+    _use_uvloop()
+    configure(config.server.log_level, config.server.log_format)
+    registry = build_registry(disable=config.plugins.disable)
+    asyncio.run(serve_forever(config, registry, host, port, reuse_port=True, announce=False))
+
+
+def run(config: Config, registry: Registry, *, host: str | None, port: int | None, workers: int = 1) -> None:
+    configure(config.server.log_level, config.server.log_format)
+    host = host or config.server.host
+    port = port or config.server.port
+    msg = asyncio.run(bootstrap(config, registry))
+    if msg:
+        print(msg, flush=True)
+    if workers <= 1:
+        _use_uvloop()
+        asyncio.run(serve_forever(config, registry, host, port))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(config, host, port), daemon=False) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    print(f"cheapproxy listening on http://{host}:{port} with {workers} workers", flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for p in procs:
+        p.join()
+        code = code or (p.exitcode or 0)
+    sys.exit(code)
+
+
+__all__ = ["run", "serve_forever", "bootstrap", "attrs"]
