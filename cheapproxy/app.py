@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__, pipeline
-from .app_keys import PROXY_KEY
+from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import KeyCache
 from .billing import Billing
 from .catalog import Catalog, build_catalog, with_defaults
@@ -179,12 +179,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    request["request_id"] = "req_" + secrets.token_hex(12)
+    request[REQUEST_ID_KEY] = "req_" + secrets.token_hex(12)
     return await handler(request)
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID_KEY)
     if rid:
         response.headers["x-request-id"] = rid
 

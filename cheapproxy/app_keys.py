@@ -10,3 +10,4 @@ if TYPE_CHECKING:
     from .app import Proxy
 
 PROXY_KEY: web.AppKey["Proxy"] = web.AppKey("cheapproxy.proxy", Any)  # type: ignore[arg-type]
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("cheapproxy.request_id", str)

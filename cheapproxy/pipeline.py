@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from . import ir
+from .app_keys import REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
 from .errors import ProxyError, UpstreamError
@@ -101,7 +102,7 @@ def error_response(protocol: Protocol, err: ProxyError, request_id: str) -> web.
 
 
 async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Request) -> web.StreamResponse:
-    call = Call(request_id=request["request_id"], protocol=protocol, route=route, started=time.perf_counter())
+    call = Call(request_id=request[REQUEST_ID_KEY], protocol=protocol, route=route, started=time.perf_counter())
     structlog.contextvars.bind_contextvars(request_id=call.request_id)
     try:
         return await _serve(proxy, call, request)
