@@ -67,6 +67,26 @@ class Proxy:
         self.streams: set[Any] = set()
         self.started_at = time.time()
 
+    def estimate_input_tokens(self, body_bytes: int) -> int:
+        """Prompt tokens assumed for a hold (see docs/billing.md)."""
+        return self.billing.estimate_input_tokens(body_bytes, self.config.billing.prompt_bytes_per_token)
+
+    async def sweep_forever(self) -> None:
+        """Release holds that outlived [billing] hold_ttl_seconds (a settlement
+        that failed, a crashed process) and prune old idempotency records."""
+        import datetime as dt
+
+        b = self.config.billing
+        while True:
+            try:
+                released = await self.billing.release_stale(b.hold_ttl_seconds)
+                if released:
+                    log.warning("billing.stale_holds_released", count=released)
+                await self.storage.prune_idempotency(dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=24))
+            except Exception:  # noqa: BLE001 - retried next round
+                log.exception("billing.sweep_failed")
+            await asyncio.sleep(b.sweep_interval_seconds)
+
     # ---- background work
 
     def track(self, coro: Any) -> asyncio.Task[Any]:
@@ -158,6 +178,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for c in proxy.clients.values():
         await c.open()
     dispatcher = asyncio.get_running_loop().create_task(proxy._dispatch_events())
+    sweeper = asyncio.get_running_loop().create_task(proxy.sweep_forever())
     stack = contextlib.AsyncExitStack()
     try:
         for cm in proxy.registry.pm.hook.lifespan(proxy=proxy):
@@ -169,9 +190,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await stack.aclose()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(proxy._events.join(), 5)
-        dispatcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await dispatcher
+        for t in (dispatcher, sweeper):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         for c in proxy.clients.values():
             await c.close()
         await proxy.storage.close()

@@ -108,8 +108,9 @@ class RoutingConfig:
 
 @attrs.frozen(kw_only=True)
 class BillingConfig:
-    # estimate of prompt tokens per byte of request body when holding (bytes/4 by default)
-    prompt_bytes_per_token: int = 4
+    # holds estimate the prompt as ceil(request body bytes / prompt_bytes_per_token) tokens
+    prompt_bytes_per_token: int = attrs.field(default=3, validator=_positive)
+    sweep_interval_seconds: float = attrs.field(default=60.0, validator=_positive)
     hold_ttl_seconds: float = 3600.0
 
 
@@ -206,10 +207,21 @@ UPSTREAM_CORE_KEYS = {f.name for f in attrs.fields(UpstreamConfig)} - {"options"
 PRICE_CORE_KEYS = {"scheme"}
 
 
+def _format_exc(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required key missing"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown key(s): {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, (ValueError, TypeError)) and str(exc):
+        return f"invalid value: {exc}"
+    name = getattr(type_, "__name__", str(type_))
+    return f"invalid value for type, expected {name}"
+
+
 def _describe(exc: BaseException, file: str | None, table: str) -> ConfigError:
     """Turn a cattrs error group into one ConfigError naming table and key."""
     if isinstance(exc, cattrs.ClassValidationError):
-        msgs = cattrs.transform_error(exc, path="$")
+        msgs = cattrs.transform_error(exc, path="$", format_exception=_format_exc)
         # transform_error yields "message @ $.table.key"
         first = msgs[0] if msgs else str(exc)
         msg, _, where = first.rpartition(" @ ")
@@ -224,7 +236,10 @@ def _describe(exc: BaseException, file: str | None, table: str) -> ConfigError:
 
 def parse_config(data: dict[str, Any], *, file: str | None = None, base_dir: str = ".") -> Config:
     """Phase one: the core tables (plugin-owned options stay raw dicts)."""
-    data = substitute_env(data)
+    try:
+        data = substitute_env(data)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), file=file) from None
     unknown = sorted(k for k in data if k not in CORE_TABLES)
     if unknown:
         raise ConfigError(f"unknown table or key {unknown[0]!r} (known: {', '.join(sorted(CORE_TABLES))})", file=file, key=unknown[0])

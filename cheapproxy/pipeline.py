@@ -182,7 +182,7 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
         max_out = min(asked, model.config.max_output_tokens) if asked else model.config.max_output_tokens
     call.hold = await proxy.billing.reserve(
         request_id=call.request_id, user_id=call.key.user_id, key=call.key, scheme=model.scheme,
-        input_tokens_estimate=proxy.billing.estimate_input_tokens(call.body_bytes), max_output_tokens=max_out,
+        input_tokens_estimate=proxy.estimate_input_tokens(call.body_bytes), max_output_tokens=max_out,
     )
     response: web.StreamResponse | None = None
     try:
@@ -211,15 +211,10 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
     assert call.model is not None and call.key is not None
     usage = call.usage
     source = "upstream"
-    if (usage is None or usage.is_zero()) and (call.output_chars or call.response_started) and call.status != "error":
-        # the upstream reported no usage (cut stream, disconnect): documented local count
-        usage = ir.Usage(
-            input_tokens=proxy.billing.estimate_input_tokens(call.body_bytes),
-            output_tokens=max(1, (call.output_chars + 3) // 4) if call.output_chars else 0,
-        )
-        source = "estimated"
-    elif usage is None and call.status == "error" and call.response_started:
-        usage = ir.Usage(input_tokens=proxy.billing.estimate_input_tokens(call.body_bytes), output_tokens=(call.output_chars + 3) // 4)
+    if (usage is None or usage.is_zero()) and (call.output_chars or call.response_started):
+        # the upstream reported no usage (cut stream, disconnect): the documented
+        # local count, ceil(bytes / 4) of the request body and of the output seen
+        usage = ir.Usage(input_tokens=max(1, (call.body_bytes + 3) // 4), output_tokens=(call.output_chars + 3) // 4)
         source = "estimated"
     elapsed = time.perf_counter() - call.started
     record = UsageRecord(
@@ -235,7 +230,7 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
         record.cache_write_tokens = usage.cache_write_tokens
         record.reasoning_tokens = usage.reasoning_tokens
     try:
-        if usage is not None and not usage.is_zero() and (call.status != "error" or call.response_started):
+        if usage is not None and not usage.is_zero() and (call.status != "error" or call.response_started or call.output_chars):
             call.cost = await proxy.billing.settle(call.hold, scheme=call.model.scheme, usage=usage, record=record)
             proxy.ratelimiter.add_tokens(call.key.id, usage.total_input_tokens + usage.output_tokens)
         else:
@@ -508,7 +503,7 @@ async def _relay(proxy: Proxy, call: Call, request: web.Request, inbound: Inboun
                     out = await _start_stream(call, request, resp.headers.get("Content-Type", "text/event-stream"))
                 if tail:
                     await _write(out, tail)
-                if not tap.complete:
+                if not tap.complete and not tap.error_message:
                     call.status, call.http_status = "incomplete", 502
                     err = UpstreamError("upstream_failed", f"upstream {client.name!r} closed the stream before it was complete")
                     await _write(out, proto.stream_encoder(_ctx(call, None)).error(err))
@@ -578,7 +573,11 @@ async def count_tokens(proxy: Proxy, call: Call) -> web.StreamResponse:
         client = proxy.clients[u.name]
         if u.protocol is None:
             continue
-        ureq = u.protocol.encode_count_tokens_request(ir_req, call.model.config.sent_name)
+        if u.protocol.name == call.protocol.name:
+            # same protocol: relay the body as-is (beta headers, server tools and all)
+            ureq = u.protocol.passthrough_request(call.inbound, call.model.config.sent_name)
+        else:
+            ureq = u.protocol.encode_count_tokens_request(ir_req, call.model.config.sent_name)
         if ureq is None:
             continue
         call.upstream = u.name

@@ -132,11 +132,14 @@ class Storage(Protocol):
         """Reserve ``amount`` if the user's available balance and the key's
         spending cap cover it; False (nothing reserved) otherwise."""
 
-    async def settle(self, hold_id: str, *, cost: Decimal, record: UsageRecord) -> Decimal | None:
-        """Finish the hold: charge ``cost`` (ledger row kind ``charge``,
-        reference = record.request_id), release the rest, add ``cost`` to the
-        key's ``spent``, write the usage record -- all in one transaction.
-        Returns the new balance, or None when the hold was already finished."""
+    async def settle(self, hold_id: str, *, cost: Decimal, record: UsageRecord, kind: str = "charge") -> Decimal | None:
+        """Finish the hold: charge ``cost`` (ledger row of ``kind``, ``charge``
+        or ``task_charge``, reference = record.request_id), release the rest,
+        add the charge to the key's ``spent``, write the usage record -- all in
+        one transaction.  When ``cost`` exceeds what is available (hold + free
+        balance, key cap) only that is charged and the shortfall is recorded as
+        ``unpaid`` on the usage row.  Returns the new balance, or None when the
+        hold was already finished."""
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> bool:
         """Cancel the hold with no charge (and write ``record`` if given).
@@ -145,17 +148,29 @@ class Storage(Protocol):
     async def open_holds(self) -> int:
         """Number of holds not yet settled or released."""
 
+    async def release_stale_holds(self, older_than: dt.datetime) -> int:
+        """Release open holds created before ``older_than`` (orphans of a crash
+        or a lost settlement), except holds of unfinished async tasks."""
+
+    async def get_usage(self, request_id: str) -> UsageRecord | None:
+        """The stored usage record of a request, or None."""
+
     async def transfer(
-        self, *, from_user_id: int, to_user_id: int, amount: Decimal, reference: str
+        self, *, from_user_id: int, to_user_id: int, amount: Decimal, reference: str, idempotency: Any = None
     ) -> tuple[Decimal, Decimal]:
         """Atomically move ``amount``; returns (sender balance, receiver balance).
-        Raises InsufficientBalance when the sender's available balance is short."""
+        Raises InsufficientBalance when the sender's available balance is short.
+        With ``idempotency`` (records.IdempotentWrite) the outcome is stored in
+        the same transaction, so a retried request moves money once."""
 
     async def get_idempotent(self, scope: str, key: str) -> tuple[str, int, bytes] | None:
         """A stored (request hash, status, body) for an Idempotency-Key, or None."""
 
     async def put_idempotent(self, scope: str, key: str, request_hash: str, status: int, body: bytes) -> bool:
         """Store the first result for a key; False if one is already stored."""
+
+    async def prune_idempotency(self, older_than: dt.datetime) -> int:
+        """Forget idempotency records stored before ``older_than``."""
 
     async def list_usage(self, *, user_name: str | None = None, since: dt.datetime | None = None, limit: int = 1000) -> list[UsageRecord]: ...
 
@@ -166,7 +181,10 @@ class Storage(Protocol):
 
     async def get_task(self, task_id: str) -> Any | None: ...
 
-    async def list_tasks(self, *, user_id: int | None = None, unfinished_only: bool = False, limit: int = 200) -> list[Any]: ...
+    async def list_tasks(self, *, user_id: int | None = None, unfinished_only: bool = False, limit: int = 200,
+                         due_before: dt.datetime | None = None) -> list[Any]:
+        """Tasks (records.TaskRecord), newest first; unfinished ones (for the
+        poller) in the order they are due."""
 
     async def update_task(self, task_id: str, *, expect_state: str | None = None, **fields: Any) -> bool:
         """Compare-and-set: update only if the current state is ``expect_state``

@@ -1,0 +1,126 @@
+"""Per-key rate limits: ``rpm`` (requests per rolling minute) and ``tpm``
+(tokens per rolling minute, fed by ``add_tokens`` after settlement).
+
+In memory, per process (with ``serve --workers N`` each worker enforces the
+limit on its own share).  Counts are kept in one-second buckets, at most 60 per
+key, and at most ``max_keys`` keys are tracked (least recently used dropped),
+so memory is bounded whatever the request rate.  A refused request is not
+counted.  ``tpm`` is checked against tokens already used: the request that
+crosses the limit is served, the next ones wait.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+
+from .errors import ProxyError
+from .pricing import MAX_TOKENS
+from .storage.base import KeyRecord
+
+WINDOW = 60  # seconds
+
+
+class _Window:
+    """Per-second buckets [second, requests, tokens] of the last minute."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[int]] = deque()
+
+    def prune(self, sec: int) -> None:
+        while self.buckets and self.buckets[0][0] <= sec - WINDOW:
+            self.buckets.popleft()
+
+    def bucket(self, sec: int) -> list[int]:
+        if not self.buckets or self.buckets[-1][0] < sec:  # a clock step back reuses the last bucket
+            self.buckets.append([sec, 0, 0])
+        return self.buckets[-1]
+
+    def total(self, field: int) -> int:
+        return sum(b[field] for b in self.buckets)
+
+    def wait(self, field: int, limit: int, now: float) -> float:
+        """Seconds until the window's ``field`` total drops below ``limit``."""
+        excess = self.total(field) - limit + 1
+        for sec, *counts in self.buckets:
+            excess -= counts[field - 1]
+            if excess <= 0:
+                return max(sec + WINDOW - now, 0.0)
+        return float(WINDOW)
+
+
+class RateLimiter:
+    """In-memory per-key limiter.  ``check`` before any hold; ``add_tokens``
+    after settlement."""
+
+    def __init__(self, *, max_keys: int = 100_000, sweep_every: int = 10_000) -> None:
+        self.max_keys = max_keys
+        self.sweep_every = sweep_every
+        self._keys: OrderedDict[str, _Window] = OrderedDict()
+        self._ops = 0
+
+    def _window(self, key_id: str, sec: int) -> _Window:
+        self._ops += 1
+        if self._ops >= self.sweep_every:  # amortised: drop windows that emptied
+            self._ops = 0
+            self.forget_idle(sec)
+        w = self._keys.get(key_id)
+        if w is None:
+            w = self._keys[key_id] = _Window()
+            while len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(key_id)
+        return w
+
+    def check(self, key: KeyRecord, now: float | None = None) -> None:
+        """Count one request for ``key``; 429 with ``retry_after`` when its
+        rpm or tpm is used up.  ``now`` is in seconds (default: the monotonic
+        clock, immune to wall-clock steps)."""
+        if not key.rpm and not key.tpm:
+            return
+        now = time.monotonic() if now is None else now
+        sec = math.floor(now)
+        w = self._window(key.id, sec)
+        w.prune(sec)
+        if key.tpm and w.total(2) >= key.tpm:
+            wait = w.wait(2, key.tpm, now)
+            raise self._refuse(f"{key.tpm} tokens per minute", wait)
+        if key.rpm and w.total(1) >= key.rpm:
+            wait = w.wait(1, key.rpm, now)
+            raise self._refuse(f"{key.rpm} requests per minute", wait)
+        w.bucket(sec)[1] += 1
+
+    def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
+        """Count ``n`` tokens used by ``key_id`` (clamped to 0..MAX_TOKENS)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        sec = math.floor(now)
+        w = self._window(key_id, sec)
+        w.prune(sec)
+        w.bucket(sec)[2] += min(n, MAX_TOKENS)
+
+    def forget_idle(self, now: float | None = None) -> int:
+        """Drop keys with nothing in their window; returns how many."""
+        sec = math.floor(time.monotonic() if now is None else now)
+        idle = []
+        for key_id, w in self._keys.items():
+            w.prune(sec)
+            if not w.buckets:
+                idle.append(key_id)
+        for key_id in idle:
+            del self._keys[key_id]
+        return len(idle)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @staticmethod
+    def _refuse(what: str, wait: float) -> ProxyError:
+        seconds = max(1, math.ceil(wait))
+        return ProxyError("rate_limited", f"Rate limit reached for this API key ({what}). Retry in {seconds} seconds.",
+                          retry_after=seconds, code="rate_limit_exceeded")

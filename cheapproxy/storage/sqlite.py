@@ -1,0 +1,656 @@
+"""SQLite storage backend (aiosqlite).
+
+Concurrency model:
+
+* WAL journal, ``synchronous=NORMAL``, ``busy_timeout``, foreign keys on.
+* Every write is one ``BEGIN IMMEDIATE`` transaction: it takes SQLite's write
+  lock up front, so two processes sharing the file queue on ``busy_timeout``
+  instead of failing with SQLITE_BUSY on a read-then-write upgrade.
+* Inside one process, writes share one connection behind an asyncio lock (a
+  connection has one transaction; interleaving coroutines must not share it).
+  File databases read through a second connection, so reads never wait for a
+  writer; ``sqlite://:memory:`` uses one connection and the lock for reads too.
+
+Money is INTEGER micro-USD; Decimal amounts with more than six decimals are
+refused rather than rounded.  Settlement policy when the real cost exceeds what
+is available (the hold plus the free balance, and the key's remaining spending
+cap): charge what is available -- never below zero, never above the cap -- and
+record the full cost plus the shortfall in the usage row's ``unpaid`` column.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiosqlite
+import orjson
+
+from ..errors import StorageError
+from .base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User
+from .migrations import apply_migrations
+from .records import FINAL_TASK_STATES, IdempotentReplay, IdempotentWrite, StoredUsageRecord, TaskRecord
+
+MAX_AMOUNT_MICRO = 10**15  # 1e9 USD: the largest single amount accepted
+MAX_BALANCE_MICRO = 10**16  # far below int64; a credit that would pass it is refused
+UTC = dt.timezone.utc
+
+
+def to_micro(amount: Decimal | int, what: str = "amount") -> int:
+    """Exact Decimal -> integer micro-USD (ValueError if not whole micro-USD)."""
+    if isinstance(amount, bool) or not isinstance(amount, (Decimal, int)):
+        raise TypeError(f"{what} must be a Decimal")
+    d = Decimal(amount)
+    if not d.is_finite():
+        raise ValueError(f"{what} must be finite")
+    if d.adjusted() > 12:
+        raise ValueError(f"{what} is too large")
+    scaled = d.scaleb(6)
+    if scaled != scaled.to_integral_value():
+        raise ValueError(f"{what} has more than six decimals")
+    n = int(scaled)
+    if abs(n) > MAX_AMOUNT_MICRO:
+        raise ValueError(f"{what} is too large")
+    return n
+
+
+def from_micro(n: int) -> Decimal:
+    return Decimal(n).scaleb(-6)
+
+
+def _ts(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # naive datetimes are taken as UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def _now() -> str:
+    return _ts(dt.datetime.now(UTC))  # type: ignore[return-value]
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _unjson(value: str | None) -> Any:
+    return None if value is None else orjson.loads(value)
+
+
+def parse_url(url: str, base_dir: str | Path = ".") -> Path | None:
+    """``sqlite:///rel.db`` (relative to base_dir), ``sqlite:////abs.db``,
+    ``sqlite://:memory:`` (None)."""
+    if not url.startswith("sqlite://"):
+        raise StorageError(f"not a sqlite URL: {url!r}")
+    rest = url[len("sqlite://"):]
+    if rest in (":memory:", "/:memory:"):
+        return None
+    if "?" in rest or "#" in rest or not rest.startswith("/") or rest in ("/", "//"):
+        raise StorageError(f"invalid sqlite URL {url!r}: use sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    if rest.startswith("//"):
+        return Path(rest[1:])
+    return Path(base_dir) / rest[1:]
+
+
+class _Rollback(Exception):
+    """Abort the current transaction and return a value to the caller."""
+
+
+_USAGE_COLS = (
+    "request_id", "user_id", "key_id", "model", "upstream", "protocol", "streamed", "status", "http_status",
+    "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "reasoning_tokens",
+    "cost", "unpaid", "latency_ms", "ttft_ms", "usage_source", "created_at",
+)
+_TASK_COLS = (
+    "id", "user_id", "key_id", "model", "upstream", "kind", "state", "provider_task_id", "request", "result",
+    "usage", "cost", "error", "hold_id", "callback_url", "created_at", "updated_at", "deadline_at",
+    "next_poll_at", "attempts",
+)
+_TASK_JSON = {"request", "result", "usage"}
+_TASK_TIMES = {"created_at", "updated_at", "deadline_at", "next_poll_at"}
+_KEY_SELECT = (
+    "SELECT k.*, u.name AS user_name FROM api_keys k JOIN users u ON u.id = k.user_id"
+)
+
+
+class SQLiteStorage:
+    """The ``sqlite`` storage backend; see the module docstring."""
+
+    def __init__(self, url: str, base_dir: str | Path = ".", *, busy_timeout_seconds: float = 30.0) -> None:
+        self.url = url
+        self.path = parse_url(url, base_dir)
+        self.busy_timeout_ms = int(busy_timeout_seconds * 1000)
+        self._db: aiosqlite.Connection | None = None
+        self._rdb: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(str(self.path) if self.path else ":memory:", isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+            if self.path is not None:
+                rows = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                if not rows or str(rows[0][0]).lower() != "wal":
+                    raise StorageError(f"cannot enable WAL mode on {self.path}")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+        if self._db is not None:
+            return
+        try:
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await self._connect()
+            async with self._lock:
+                await apply_migrations(self._db, now=_now())
+            self._rdb = await self._connect() if self.path is not None else self._db
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StorageError(f"cannot open database {self.url}: {exc}") from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        db, rdb, self._db, self._rdb = self._db, self._rdb, None, None
+        if rdb is not None and rdb is not db:
+            await rdb.close()
+        if db is not None:
+            await db.close()
+
+    async def ping(self) -> bool:
+        """True when the database answers (used by /health)."""
+        try:
+            rows = await self._read("SELECT 1")
+            return bool(rows) and rows[0][0] == 1
+        except Exception:  # noqa: BLE001 - health reports, never raises
+            return False
+
+    def _writer(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StorageError("storage is not open")
+        return self._db
+
+    @staticmethod
+    async def _rollback(db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # nothing was open (BEGIN failed): fine
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One BEGIN IMMEDIATE transaction.  Rollbacks are shielded: aiosqlite
+        runs statements in order on its thread, so a cancelled caller's
+        half-done transaction is always rolled back before the next BEGIN."""
+        db = self._writer()
+        async with self._lock:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except BaseException as exc:
+                await asyncio.shield(self._rollback(db))
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StorageError(f"database busy: {exc}") from None
+                raise
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                await asyncio.shield(self._rollback(db))
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StorageError(f"database error: {exc}") from None
+                raise
+
+    async def _read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        if self._rdb is None:
+            raise StorageError("storage is not open")
+        if self._rdb is self._db:  # in-memory: never read another coroutine's open transaction
+            async with self._lock:
+                return list(await self._rdb.execute_fetchall(sql, params))
+        return list(await self._rdb.execute_fetchall(sql, params))
+
+    # ------------------------------------------------------------- users
+
+    @staticmethod
+    def _user(r: sqlite3.Row) -> User:
+        return User(id=r["id"], name=r["name"], balance=from_micro(r["balance"]), held=from_micro(r["held"]),
+                    created_at=_dt(r["created_at"]))
+
+    async def create_user(self, name: str, balance: Decimal = Decimal(0)) -> User:
+        """Create a user; a non-zero opening balance is a ``topup`` ledger row."""
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise ValueError("a user name must be 1 to 200 characters")
+        bal = to_micro(balance, "balance")
+        if bal < 0:
+            raise ValueError("an opening balance cannot be negative")
+        now = _now()
+        async with self._tx() as db:
+            try:
+                cur = await db.execute("INSERT INTO users (name, balance, held, created_at) VALUES (?, ?, 0, ?)",
+                                       (name, bal, now))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"user {name!r} already exists") from None
+            uid = cur.lastrowid
+            if bal:
+                await db.execute(
+                    "INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
+                    " VALUES (?, ?, 'topup', ?, ?, 'opening balance', ?)", (uid, bal, f"opening:{uid}", bal, now))
+        return User(id=int(uid), name=name, balance=from_micro(bal), held=from_micro(0), created_at=_dt(now))  # type: ignore[arg-type]
+
+    async def get_user(self, name: str) -> User | None:
+        rows = await self._read("SELECT * FROM users WHERE name = ?", (name,))
+        return self._user(rows[0]) if rows else None
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        rows = await self._read("SELECT * FROM users WHERE id = ?", (user_id,))
+        return self._user(rows[0]) if rows else None
+
+    async def list_users(self) -> list[User]:
+        return [self._user(r) for r in await self._read("SELECT * FROM users ORDER BY id")]
+
+    async def count_users(self) -> int:
+        return int((await self._read("SELECT COUNT(*) FROM users"))[0][0])
+
+    # ------------------------------------------------------------- keys
+
+    @staticmethod
+    def _key(r: sqlite3.Row) -> KeyRecord:
+        rs = orjson.loads(r["restrictions"])
+        return KeyRecord(
+            id=r["id"], user_id=r["user_id"], user_name=r["user_name"], key_hash=r["key_hash"], prefix=r["prefix"],
+            label=r["label"], models=rs.get("models"), no_stream=bool(rs.get("no_stream", False)),
+            allow_ips=rs.get("allow_ips"), rpm=rs.get("rpm"), tpm=rs.get("tpm"),
+            max_spend=None if r["max_spend"] is None else from_micro(r["max_spend"]),
+            spent=from_micro(r["spent"]), expires_at=_dt(r["expires_at"]), revoked=bool(r["revoked"]),
+            created_at=_dt(r["created_at"]),
+        )
+
+    async def create_key(self, key: KeyRecord) -> None:
+        """Store a key (hash only, never the secret); bumps ``keys_version``."""
+        restrictions = {"models": key.models, "no_stream": key.no_stream, "allow_ips": key.allow_ips,
+                        "rpm": key.rpm, "tpm": key.tpm}
+        cap = None if key.max_spend is None else to_micro(key.max_spend, "max_spend")
+        spent = to_micro(key.spent, "spent")
+        if (cap is not None and cap < 0) or spent < 0:
+            raise ValueError("max_spend and spent cannot be negative")
+        async with self._tx() as db:
+            try:
+                await db.execute(
+                    "INSERT INTO api_keys (id, user_id, key_hash, prefix, label, restrictions, max_spend, spent, held,"
+                    " expires_at, revoked, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                    (key.id, key.user_id, key.key_hash, key.prefix, key.label, _json(restrictions), cap, spent,
+                     _ts(key.expires_at), int(key.revoked), _ts(key.created_at) or _now()))
+            except sqlite3.IntegrityError:
+                raise ValueError("a key with this id or hash already exists, or the user does not exist") from None
+            await db.execute("UPDATE keys_version SET version = version + 1 WHERE id = 1")
+
+    async def get_key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        rows = await self._read(_KEY_SELECT + " WHERE k.key_hash = ?", (key_hash,))
+        return self._key(rows[0]) if rows else None
+
+    async def list_keys(self, user_name: str | None = None) -> list[KeyRecord]:
+        if user_name is None:
+            rows = await self._read(_KEY_SELECT + " ORDER BY k.created_at, k.id")
+        else:
+            rows = await self._read(_KEY_SELECT + " WHERE u.name = ? ORDER BY k.created_at, k.id", (user_name,))
+        return [self._key(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Mark revoked; False if no such key."""
+        async with self._tx() as db:
+            cur = await db.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?", (key_id,))
+            if cur.rowcount != 1:
+                return False
+            await db.execute("UPDATE keys_version SET version = version + 1 WHERE id = 1")
+        return True
+
+    async def keys_version(self) -> int:
+        return int((await self._read("SELECT version FROM keys_version WHERE id = 1"))[0][0])
+
+    # ------------------------------------------------------------- money
+
+    async def credit(self, user_id: int, amount: Decimal, *, kind: str, reference: str, note: str | None = None) -> Decimal:
+        """Add ``amount`` (> 0) with a ledger row; returns the new balance."""
+        amt = to_micro(amount)
+        if amt <= 0:
+            raise ValueError("a credit must be positive")
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "UPDATE users SET balance = balance + ? WHERE id = ? AND balance + ? <= ? RETURNING balance",
+                (amt, user_id, amt, MAX_BALANCE_MICRO))
+            if not rows:
+                exists = await db.execute_fetchall("SELECT 1 FROM users WHERE id = ?", (user_id,))
+                raise ValueError("the balance would exceed the maximum" if exists else f"no user with id {user_id}")
+            balance = rows[0][0]
+            try:
+                await db.execute(
+                    "INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", (user_id, amt, kind, reference, balance, note, _now()))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"reference {reference!r} was already used for {kind}") from None
+        return from_micro(balance)
+
+    async def hold(self, hold_id: str, *, user_id: int, key_id: str | None, amount: Decimal) -> bool:
+        """Reserve ``amount`` against the available balance and the key's cap."""
+        amt = to_micro(amount)
+        if amt < 0:
+            raise ValueError("a hold cannot be negative")
+        try:
+            async with self._tx() as db:
+                cur = await db.execute(
+                    "UPDATE users SET held = held + :a WHERE id = :u AND balance - held >= :a",
+                    {"a": amt, "u": user_id})
+                if cur.rowcount != 1:
+                    raise _Rollback()
+                if key_id is not None:
+                    cur = await db.execute(
+                        "UPDATE api_keys SET held = held + :a WHERE id = :k AND user_id = :u"
+                        " AND (max_spend IS NULL OR spent + held + :a <= max_spend)",
+                        {"a": amt, "k": key_id, "u": user_id})
+                    if cur.rowcount != 1:
+                        raise _Rollback()
+                try:
+                    await db.execute(
+                        "INSERT INTO holds (id, user_id, key_id, amount, state, created_at) VALUES (?, ?, ?, ?, 'open', ?)",
+                        (hold_id, user_id, key_id, amt, _now()))
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"hold id {hold_id!r} already exists") from None
+        except _Rollback:
+            return False
+        return True
+
+    async def _finish_hold(self, db: aiosqlite.Connection, hold_id: str, state: str) -> sqlite3.Row | None:
+        """Compare-and-set open -> ``state``: the exactly-once gate."""
+        cur = await db.execute("UPDATE holds SET state = ?, finished_at = ? WHERE id = ? AND state = 'open'",
+                               (state, _now(), hold_id))
+        if cur.rowcount != 1:
+            return None
+        return (await db.execute_fetchall("SELECT user_id, key_id, amount FROM holds WHERE id = ?", (hold_id,)))[0]
+
+    async def _insert_usage(self, db: aiosqlite.Connection, record: UsageRecord, cost: int, unpaid: int) -> None:
+        r = record
+        values = (r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, int(r.streamed), r.status,
+                  r.http_status, r.input_tokens, r.output_tokens, r.cache_write_tokens, r.cache_read_tokens,
+                  r.reasoning_tokens, cost, unpaid, r.latency_ms, r.ttft_ms, r.usage_source,
+                  _ts(r.created_at) or _now())
+        try:
+            await db.execute(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})",
+                             values)
+        except sqlite3.IntegrityError:
+            raise ValueError(f"request {r.request_id!r} already has a usage record") from None
+
+    async def settle(self, hold_id: str, *, cost: Decimal, record: UsageRecord, kind: str = "charge") -> Decimal | None:
+        """Finish the hold charging ``cost`` (capped by what is available, the
+        shortfall recorded as ``unpaid``); None when already finished."""
+        want = to_micro(cost, "cost")
+        if want < 0:
+            raise ValueError("a cost cannot be negative")
+        async with self._tx() as db:
+            h = await self._finish_hold(db, hold_id, "settled")
+            if h is None:
+                return None
+            uid, key_id, amount = h["user_id"], h["key_id"], h["amount"]
+            if record.user_id != uid:
+                raise ValueError("the usage record belongs to another user than the hold")
+            u = (await db.execute_fetchall("SELECT balance, held FROM users WHERE id = ?", (uid,)))[0]
+            room = amount + (u["balance"] - u["held"])
+            if key_id is not None:
+                k = (await db.execute_fetchall("SELECT spent, held, max_spend FROM api_keys WHERE id = ?", (key_id,)))[0]
+                if k["max_spend"] is not None:
+                    room = min(room, k["max_spend"] - k["spent"] - (k["held"] - amount))
+            charge = max(0, min(want, room))
+            balance = u["balance"] - charge
+            await db.execute("UPDATE users SET balance = ?, held = held - ? WHERE id = ?", (balance, amount, uid))
+            if key_id is not None:
+                await db.execute("UPDATE api_keys SET spent = spent + ?, held = held - ? WHERE id = ?",
+                                 (charge, amount, key_id))
+            if charge:
+                try:
+                    await db.execute(
+                        "INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", (uid, -charge, kind, record.request_id, balance, record.model, _now()))
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"request {record.request_id!r} was already charged") from None
+            await self._insert_usage(db, record, want, want - charge)
+        return from_micro(balance)
+
+    async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> bool:
+        """Cancel the hold with no charge (writing ``record`` at cost 0)."""
+        async with self._tx() as db:
+            h = await self._finish_hold(db, hold_id, "released")
+            if h is None:
+                return False
+            await self._unhold(db, h)
+            if record is not None:
+                await self._insert_usage(db, record, 0, 0)
+        return True
+
+    @staticmethod
+    async def _unhold(db: aiosqlite.Connection, h: sqlite3.Row) -> None:
+        await db.execute("UPDATE users SET held = held - ? WHERE id = ?", (h["amount"], h["user_id"]))
+        if h["key_id"] is not None:
+            await db.execute("UPDATE api_keys SET held = held - ? WHERE id = ?", (h["amount"], h["key_id"]))
+
+    async def open_holds(self) -> int:
+        return int((await self._read("SELECT COUNT(*) FROM holds WHERE state = 'open'"))[0][0])
+
+    async def release_stale_holds(self, older_than: dt.datetime) -> int:
+        """Release open holds created before ``older_than`` (orphans of a crash
+        or a lost settlement), except holds of unfinished async tasks."""
+        final = tuple(sorted(FINAL_TASK_STATES))
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM holds WHERE state = 'open' AND created_at < ? AND id NOT IN"
+                f" (SELECT hold_id FROM tasks WHERE hold_id IS NOT NULL AND state NOT IN ({', '.join('?' * len(final))}))",
+                (_ts(older_than), *final))
+            for r in rows:
+                h = await self._finish_hold(db, r["id"], "released")
+                if h is not None:
+                    await self._unhold(db, h)
+        return len(rows)
+
+    async def transfer(self, *, from_user_id: int, to_user_id: int, amount: Decimal, reference: str,
+                       idempotency: IdempotentWrite | None = None) -> tuple[Decimal, Decimal]:
+        """Move ``amount`` atomically (both ledger legs share ``reference``).
+
+        With ``idempotency`` the outcome (success or insufficient balance) is
+        stored in the same transaction, and a key already stored raises
+        ``IdempotentReplay`` instead of moving money again.
+        """
+        amt = to_micro(amount)
+        if amt <= 0:
+            raise ValueError("a transfer must be positive")
+        if from_user_id == to_user_id:
+            raise ValueError("cannot transfer to the same user")
+        short = False
+        async with self._tx() as db:
+            if idempotency is not None:
+                rows = await db.execute_fetchall("SELECT request_hash, status, body FROM idempotency WHERE scope = ? AND key = ?",
+                                                 (idempotency.scope, idempotency.key))
+                if rows:
+                    raise IdempotentReplay(rows[0][0], rows[0][1], bytes(rows[0][2]))
+            names = dict(await db.execute_fetchall("SELECT id, name FROM users WHERE id IN (?, ?)", (from_user_id, to_user_id)))
+            if len(names) != 2:
+                raise ValueError("no such user")
+            sent = await db.execute_fetchall(
+                "UPDATE users SET balance = balance - :a WHERE id = :f AND balance - held >= :a RETURNING balance",
+                {"a": amt, "f": from_user_id})
+            if not sent:
+                short = True
+                if idempotency is None:
+                    raise InsufficientBalance()
+                await self._store_idempotent(db, idempotency, *idempotency.on_insufficient())
+            else:
+                got = await db.execute_fetchall(
+                    "UPDATE users SET balance = balance + ? WHERE id = ? AND balance + ? <= ? RETURNING balance",
+                    (amt, to_user_id, amt, MAX_BALANCE_MICRO))
+                if not got:
+                    raise ValueError("the receiver's balance would exceed the maximum")
+                sb, rb = sent[0][0], got[0][0]
+                now = _now()
+                sql = ("INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)")
+                try:
+                    await db.execute(sql, (from_user_id, -amt, "transfer_out", reference, sb, f"to {names[to_user_id]}", now))
+                    await db.execute(sql, (to_user_id, amt, "transfer_in", reference, rb, f"from {names[from_user_id]}", now))
+                except sqlite3.IntegrityError:
+                    raise ValueError(f"transfer reference {reference!r} was already used") from None
+                if idempotency is not None:
+                    await self._store_idempotent(db, idempotency, *idempotency.on_success(from_micro(sb), from_micro(rb)))
+        if short:
+            raise InsufficientBalance()
+        return from_micro(sb), from_micro(rb)
+
+    @staticmethod
+    async def _store_idempotent(db: aiosqlite.Connection, spec: IdempotentWrite, status: int, body: bytes) -> None:
+        await db.execute("INSERT INTO idempotency (scope, key, request_hash, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (spec.scope, spec.key, spec.request_hash, status, body, _now()))
+
+    async def get_idempotent(self, scope: str, key: str) -> tuple[str, int, bytes] | None:
+        rows = await self._read("SELECT request_hash, status, body FROM idempotency WHERE scope = ? AND key = ?", (scope, key))
+        return (rows[0][0], int(rows[0][1]), bytes(rows[0][2])) if rows else None
+
+    async def put_idempotent(self, scope: str, key: str, request_hash: str, status: int, body: bytes) -> bool:
+        async with self._tx() as db:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO idempotency (scope, key, request_hash, status, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (scope, key, request_hash, status, body, _now()))
+            return cur.rowcount == 1
+
+    async def prune_idempotency(self, older_than: dt.datetime) -> int:
+        """Forget Idempotency-Keys stored before ``older_than`` (Stripe keeps 24 h)."""
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM idempotency WHERE created_at < ?", (_ts(older_than),))
+            return cur.rowcount
+
+    # ------------------------------------------------------------- reports
+
+    @staticmethod
+    def _usage(r: sqlite3.Row) -> StoredUsageRecord:
+        return StoredUsageRecord(
+            request_id=r["request_id"], user_id=r["user_id"], key_id=r["key_id"], model=r["model"],
+            upstream=r["upstream"], protocol=r["protocol"], streamed=bool(r["streamed"]), status=r["status"],
+            http_status=r["http_status"], input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
+            cache_write_tokens=r["cache_write_tokens"], cache_read_tokens=r["cache_read_tokens"],
+            reasoning_tokens=r["reasoning_tokens"], cost=from_micro(r["cost"]), unpaid=from_micro(r["unpaid"]),
+            latency_ms=r["latency_ms"], ttft_ms=r["ttft_ms"], usage_source=r["usage_source"],
+            created_at=_dt(r["created_at"]),
+        )
+
+    async def list_usage(self, *, user_name: str | None = None, since: dt.datetime | None = None,
+                         limit: int = 1000) -> list[UsageRecord]:
+        """Usage records, newest first."""
+        rows = await self._read(
+            "SELECT g.* FROM usage g JOIN users u ON u.id = g.user_id"
+            " WHERE (:n IS NULL OR u.name = :n) AND (:s IS NULL OR g.created_at >= :s)"
+            " ORDER BY g.created_at DESC, g.rowid DESC LIMIT :l",
+            {"n": user_name, "s": _ts(since), "l": max(0, min(int(limit), 1_000_000))})
+        return [self._usage(r) for r in rows]
+
+    async def get_usage(self, request_id: str) -> StoredUsageRecord | None:
+        rows = await self._read("SELECT * FROM usage WHERE request_id = ?", (request_id,))
+        return self._usage(rows[0]) if rows else None
+
+    async def ledger(self, user_id: int) -> list[LedgerEntry]:
+        rows = await self._read("SELECT * FROM ledger WHERE user_id = ? ORDER BY id", (user_id,))
+        return [LedgerEntry(id=r["id"], user_id=r["user_id"], amount=from_micro(r["amount"]), kind=r["kind"],
+                            reference=r["reference"], balance_after=from_micro(r["balance_after"]), note=r["note"],
+                            created_at=_dt(r["created_at"])) for r in rows]
+
+    # ------------------------------------------------------------- tasks
+
+    @staticmethod
+    def _task_value(col: str, value: Any) -> Any:
+        if col in _TASK_JSON:
+            return _json(value)
+        if col in _TASK_TIMES:
+            return _ts(value)
+        if col == "cost":
+            return None if value is None else to_micro(value, "cost")
+        return value
+
+    @staticmethod
+    def _task(r: sqlite3.Row) -> TaskRecord:
+        kw = {c: r[c] for c in _TASK_COLS}
+        for c in _TASK_JSON:
+            kw[c] = _unjson(kw[c])
+        for c in _TASK_TIMES:
+            kw[c] = _dt(kw[c])
+        kw["cost"] = None if kw["cost"] is None else from_micro(kw["cost"])
+        kw["request"] = kw["request"] or {}
+        return TaskRecord(**kw)
+
+    async def create_task(self, task: TaskRecord) -> None:
+        now = dt.datetime.now(UTC)
+        task.created_at = task.created_at or now
+        task.updated_at = task.updated_at or now
+        values = tuple(self._task_value(c, getattr(task, c)) for c in _TASK_COLS)
+        async with self._tx() as db:
+            try:
+                await db.execute(f"INSERT INTO tasks ({', '.join(_TASK_COLS)}) VALUES ({', '.join('?' * len(_TASK_COLS))})",
+                                 values)
+            except sqlite3.IntegrityError:
+                raise ValueError(f"task {task.id!r} already exists or its user does not") from None
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        rows = await self._read("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return self._task(rows[0]) if rows else None
+
+    async def list_tasks(self, *, user_id: int | None = None, unfinished_only: bool = False, limit: int = 200,
+                         due_before: dt.datetime | None = None) -> list[TaskRecord]:
+        """Tasks newest first; with ``unfinished_only`` / ``due_before`` (for
+        pollers) unfinished ones ordered by when they are due."""
+        final = tuple(sorted(FINAL_TASK_STATES))
+        where, params = ["1 = 1"], []  # type: ignore[var-annotated]
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if unfinished_only or due_before is not None:
+            where.append(f"state NOT IN ({', '.join('?' * len(final))})")
+            params.extend(final)
+        if due_before is not None:
+            where.append("(next_poll_at IS NULL OR next_poll_at <= ?)")
+            params.append(_ts(due_before))
+        order = ("COALESCE(next_poll_at, created_at), id" if unfinished_only or due_before is not None
+                 else "created_at DESC, id DESC")
+        params.append(max(0, min(int(limit), 100_000)))
+        rows = await self._read(f"SELECT * FROM tasks WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?", params)
+        return [self._task(r) for r in rows]
+
+    async def update_task(self, task_id: str, *, expect_state: str | None = None, **fields: Any) -> bool:
+        """Compare-and-set: update only if the current state is ``expect_state``."""
+        unknown = set(fields) - (set(_TASK_COLS) - {"id", "created_at"})
+        if unknown:
+            raise ValueError(f"unknown task field(s): {', '.join(sorted(unknown))}")
+        fields.setdefault("updated_at", dt.datetime.now(UTC))
+        cols = sorted(fields)  # names come from the whitelist above, never from input
+        params = [self._task_value(c, fields[c]) for c in cols] + [task_id]
+        sql = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?"
+        if expect_state is not None:
+            sql += " AND state = ?"
+            params.append(expect_state)
+        async with self._tx() as db:
+            try:
+                cur = await db.execute(sql, params)
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"invalid task update: {exc}") from None
+            return cur.rowcount == 1

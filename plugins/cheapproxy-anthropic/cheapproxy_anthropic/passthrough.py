@@ -1,0 +1,149 @@
+"""Same-protocol relay: bytes go through untouched; usage, completion and
+in-stream errors are read on the way with byte checks, parsing JSON only for
+the few frames that carry them (message_start, message_delta, error)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from cheapproxy import ir
+from cheapproxy.protocol import Passthrough
+from cheapproxy.sse import SSEParser
+
+from .common import usage_from_wire
+
+_MAX_TAIL = 16 * 2**20  # a frame larger than this stops the bookkeeping, never the relay
+
+
+def usage_from_body(body: bytes) -> ir.Usage | None:
+    """Usage of a non-streamed Messages body, or None."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("usage"), dict):
+        return None
+    return usage_from_wire(data["usage"])
+
+
+def _frame_fields(frame: bytes) -> tuple[str | None, bytes]:
+    """(event name, data) of one LF-framed SSE frame."""
+    event: str | None = None
+    data: list[bytes] = []
+    for line in frame.split(b"\n"):
+        if line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+    return event, b"\n".join(data)
+
+
+class MessagesPassthrough(Passthrough):
+    """One relayed response.  Streams are split on blank lines only when a
+    chunk may hold an interesting frame; CR line endings switch to SSEParser."""
+
+    def __init__(self, *, stream: bool) -> None:
+        self.stream = stream
+        self.usage: ir.Usage | None = None
+        self.complete = False
+        self.output_seen = False
+        self.error_message: str | None = None
+        self._tail = b""
+        self._parser: SSEParser | None = None
+        self._body: list[bytes] = []
+        self._gave_up = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.stream:
+            self._body.append(chunk)
+            return chunk
+        if self.complete or self.error_message is not None or self._gave_up or not chunk:
+            return chunk
+        if self._parser is not None:
+            for f in self._parser.feed(chunk):
+                self._handle(f.event, f.data.encode())
+            return chunk
+        data = self._tail + chunk if self._tail else chunk
+        if b"\r" in data:  # CRLF framing: let the full parser take over
+            self._parser = SSEParser()
+            self._tail = b""
+            for f in self._parser.feed(data):
+                self._handle(f.event, f.data.encode())
+            return chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._tail = data
+            self._gave_up = len(data) > _MAX_TAIL
+            return chunk
+        region, self._tail = data[:cut], data[cut + 2:]
+        self._scan(region)
+        return chunk
+
+    def _scan(self, region: bytes) -> None:
+        if not self.output_seen and b"content_block_" in region:
+            self.output_seen = True
+        # most chunks are content deltas: three substring checks and done
+        if b"message_" not in region and b"error" not in region:
+            return
+        for frame in region.split(b"\n\n"):
+            if b"message_" in frame or b"error" in frame:
+                event, data = _frame_fields(frame)
+                self._handle(event, data)
+
+    def _handle(self, event: str | None, data: bytes) -> None:
+        if not data:
+            return
+        if event is None:  # frames without an event line: use the JSON type
+            if b'"type"' not in data:
+                return
+            try:
+                event = str(orjson.loads(data).get("type"))
+            except (orjson.JSONDecodeError, AttributeError):
+                return
+        if event in ("content_block_start", "content_block_delta"):
+            self.output_seen = True
+        elif event in ("message_start", "message_delta"):
+            obj = self._json(data)
+            usage = obj.get("usage") if event == "message_delta" else (obj.get("message") or {}).get("usage")
+            if isinstance(usage, dict):
+                self.usage = ir.merge_usage(self.usage, usage_from_wire(usage))
+        elif event == "message_stop":
+            self.complete = True
+        elif event == "error":
+            err = self._json(data).get("error")
+            msg = err.get("message") if isinstance(err, dict) else None
+            self.error_message = str(msg or "upstream stream error")
+
+    @staticmethod
+    def _json(data: bytes) -> dict[str, Any]:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    def close(self) -> bytes:
+        if not self.stream:
+            body = b"".join(self._body)
+            self._body = []
+            self.usage = usage_from_body(body)
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                data = None
+            if isinstance(data, dict) and data.get("type") == "message":
+                self.complete = True
+                self.output_seen = bool(data.get("content"))
+            elif isinstance(data, dict) and data.get("type") == "error":
+                err = data.get("error")
+                self.error_message = str(err.get("message") if isinstance(err, dict) else "upstream error")
+            return b""
+        if self._parser is not None:
+            for f in self._parser.close():
+                self._handle(f.event, f.data.encode())
+        elif self._tail and not (self.complete or self.error_message or self._gave_up):
+            self._scan(self._tail.rstrip(b"\n"))
+        self._tail = b""
+        return b""

@@ -1,0 +1,159 @@
+"""(f) same-protocol relay: model replaced, the rest equal, usage read from
+streamed and non-streamed bodies, completion and in-stream errors noticed."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+from aiohttp import ClientSession
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cheapproxy import ir
+from cheapproxy.protocol import Inbound
+from cheapproxy.testing.fake_anthropic import make_app
+
+from anthropic_testlib import CLAUDE_CODE_BODY, CODEC, golden, split
+
+BETA = "claude-code-20250219,interleaved-thinking-2025-05-14,mid-conversation-system-2026-04-07"
+
+
+def inbound(body: dict[str, Any], *, operation: str = "chat", headers: dict[str, str] | None = None,
+            query: dict[str, str] | None = None) -> Inbound:
+    return Inbound(model=body["model"], stream=bool(body.get("stream")) and operation == "chat", operation=operation,
+                   body=body, headers=headers or {}, query=query or {})
+
+
+def relay(body: bytes, chunks: list[bytes], *, stream: bool = True) -> tuple[Any, bytes]:
+    pt = CODEC.passthrough(inbound({"model": "m", "stream": stream}), stream=stream)
+    out = b"".join(pt.feed(c) for c in chunks) + pt.close()
+    return pt, out
+
+
+def test_request_replaces_only_the_model() -> None:
+    original = copy.deepcopy(CLAUDE_CODE_BODY)
+    up = CODEC.passthrough_request(inbound(CLAUDE_CODE_BODY, headers={
+        "anthropic-version": "2026-10-21", "anthropic-beta": BETA}, query={"beta": "true", "key": "sk-user"}),
+        "claude-opus-4-8-20260501")
+    sent = orjson.loads(up.body)
+    assert sent.pop("model") == "claude-opus-4-8-20260501"
+    original.pop("model")
+    assert sent == original  # system roles, thinking signatures, cache_control, context_management untouched
+    assert CLAUDE_CODE_BODY["model"] == "claude-opus-4-8"  # the inbound body is not mutated
+    assert up.path == "/v1/messages" and up.stream is True
+    assert up.headers["anthropic-version"] == "2026-10-21" and up.headers["anthropic-beta"] == BETA
+    assert up.query == {"beta": "true"}  # never the client's ?key=
+    assert "x-api-key" not in up.headers and "authorization" not in up.headers
+
+
+def test_request_defaults_and_count_tokens_path() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    up = CODEC.passthrough_request(inbound(body, operation="count_tokens"), "claude-haiku-4-5")
+    assert up.path == "/v1/messages/count_tokens" and up.stream is False and up.query == {}
+    assert up.headers == {"anthropic-version": "2023-06-01", "content-type": "application/json"}
+
+
+def test_stream_usage_completion_and_bytes() -> None:
+    body = golden("thinking_text_tool.sse")
+    pt, out = relay(body, [body])
+    assert out == body
+    assert pt.usage == ir.Usage(input_tokens=25, output_tokens=89, cache_read_tokens=2048, cache_write_tokens=1200)
+    assert pt.complete and pt.output_seen and pt.error_message is None
+
+
+def test_stream_usage_with_input_in_message_delta() -> None:
+    pt, _ = relay(golden("server_tool_stop_sequence.sse"), [golden("server_tool_stop_sequence.sse")])
+    assert pt.usage == ir.Usage(input_tokens=2679, output_tokens=57) and pt.complete
+
+
+def test_output_seen_only_after_content() -> None:
+    body = golden("thinking_text_tool.sse")
+    first = body[: body.index(b"event: content_block_start")]
+    pt = CODEC.passthrough(inbound({"model": "m", "stream": True}), stream=True)
+    assert pt.feed(first) == first
+    assert not pt.output_seen and pt.usage is not None and pt.usage.output_tokens == 1 and not pt.complete
+    pt.feed(body[len(first):])
+    assert pt.output_seen and pt.complete
+
+
+def test_in_stream_error_is_noticed() -> None:
+    pt, out = relay(golden("overloaded_midstream.sse"), [golden("overloaded_midstream.sse")])
+    assert pt.error_message == "Overloaded" and not pt.complete and pt.output_seen
+    assert out == golden("overloaded_midstream.sse")
+
+
+def test_cut_stream_is_incomplete_but_billed_for_what_went_by() -> None:
+    body = golden("thinking_text_tool.sse")
+    cut = body[: body.index(b"event: message_delta")]
+    pt, _ = relay(cut, [cut])
+    assert not pt.complete and pt.output_seen
+    assert pt.usage == ir.Usage(input_tokens=25, output_tokens=1, cache_read_tokens=2048, cache_write_tokens=1200)
+
+
+def test_text_mentioning_event_names_does_not_confuse_the_scan() -> None:
+    tricky = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta",'
+              b'"text":"event: message_stop and an error"}}\n\n')
+    body = golden("redacted_thinking.sse")
+    at = body.index(b"event: message_delta")
+    pt, _ = relay(body[:at] + tricky, [body[:at] + tricky])
+    assert not pt.complete and pt.error_message is None
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(["thinking_text_tool.sse", "server_tool_stop_sequence.sse", "overloaded_midstream.sse",
+                             "redacted_thinking.sse"]),
+       cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=40), crlf=st.booleans())
+def test_any_chunking_same_bookkeeping(name: str, cuts: list[int], crlf: bool) -> None:
+    body = golden(name)
+    if crlf:
+        body = body.replace(b"\n", b"\r\n")
+    whole, out_whole = relay(body, [body])
+    parts, out_parts = relay(body, split(body, cuts))
+    assert out_whole == out_parts == body
+    assert (parts.usage, parts.complete, parts.output_seen, parts.error_message) == (
+        whole.usage, whole.complete, whole.output_seen, whole.error_message)
+    assert whole.usage is not None
+
+
+def test_non_stream_body() -> None:
+    body = orjson.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                         "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+                         "usage": {"input_tokens": 3, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 5,
+                                   "output_tokens": 6}})
+    want = ir.Usage(input_tokens=3, output_tokens=6, cache_read_tokens=5, cache_write_tokens=4)
+    assert CODEC.usage_from_body(body) == want
+    pt, out = relay(body, [body[:10], body[10:]], stream=False)
+    assert out == body and pt.usage == want and pt.complete and pt.output_seen
+    assert CODEC.usage_from_body(b'{"input_tokens": 12}') is None
+    assert CODEC.usage_from_body(b"not json") is None
+
+
+async def test_relay_through_the_fake(aiohttp_server: Any) -> None:
+    """Claude Code's body with its beta header relays as-is; dropping the header
+    gets the real API's 400 (clients.md)."""
+    log: list[dict[str, Any]] = []
+    server = await aiohttp_server(make_app(log))
+    body = copy.deepcopy(CLAUDE_CODE_BODY)
+    body["messages"].append({"role": "assistant", "content": [{"type": "text", "text": "ok"}]})
+    body["messages"].append({"role": "user", "content": "[think] again"})
+    for beta, status in ((BETA, 200), (None, 400)):
+        headers = {"anthropic-version": "2023-06-01", **({"anthropic-beta": beta} if beta else {})}
+        up = CODEC.passthrough_request(inbound(body, headers=headers, query={"beta": "true"}), "claude-opus-4-8")
+        pt = CODEC.passthrough(inbound(body), stream=True)
+        async with ClientSession() as s:
+            async with s.post(server.make_url(up.path), params=up.query, data=up.body,
+                              headers={**up.headers, "x-api-key": "upstream-secret"}) as r:
+                assert r.status == status
+                if status != 200:
+                    assert "role" in CODEC.decode_error(r.status, await r.read())
+                    continue
+                relayed = b"".join([pt.feed(c) async for c in r.content.iter_any()]) + pt.close()
+        assert pt.complete and pt.output_seen
+        assert pt.usage == ir.Usage(input_tokens=10, output_tokens=7, cache_read_tokens=5, cache_write_tokens=2,
+                                    reasoning_tokens=3)
+        answer = ir.collect(CODEC.stream_decoder().feed(relayed))
+        assert answer.content[0].signature == "sig-anthropic" and answer.content[1].text == "The answer is 42."
+    assert log[0]["query"] == {"beta": "true"} and log[0]["headers"]["anthropic-beta"] == BETA
+    assert log[0]["body"]["messages"][1]["role"] == "system"
