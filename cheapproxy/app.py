@@ -117,7 +117,7 @@ class Proxy:
         while True:
             event = await self._events.get()
             try:
-                for res in hook(event=event):
+                for res in hook(event=event, proxy=self):
                     if asyncio.iscoroutine(res):
                         await res
             except Exception:  # noqa: BLE001 - an observer must not break the gateway

@@ -40,6 +40,17 @@ class RequestRejected:
 
 
 @attrs.frozen(kw_only=True)
+class UpstreamFailed:
+    """One upstream attempt failed (connection error, timeout, error status)."""
+
+    upstream: str
+    model: str
+    kind: str  # errors kind: upstream_failed, upstream_timeout, rate_limited, ...
+    upstream_status: int | None
+    type: str = "upstream_failed"
+
+
+@attrs.frozen(kw_only=True)
 class UpstreamCooledDown:
     upstream: str
     type: str = "upstream_cooled_down"

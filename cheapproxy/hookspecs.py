@@ -74,9 +74,10 @@ def register_commands(cli: Any) -> None:
 
 
 @hookspec
-def track_event(event: Any) -> None:
-    """Observe an event (``cheapproxy.events``: CallFinished, UpstreamFailed,
-    BalanceChanged, ...).
+def track_event(event: Any, proxy: Any) -> None:
+    """Observe an event (``cheapproxy.events``: CallFinished, UpstreamCooledDown,
+    RequestRejected, ...).  ``proxy`` is the running ``cheapproxy.app.Proxy``
+    that emitted it (several can live in one process, e.g. in tests).
 
     Called from a bounded queue on a background task, never on the request
     path, so a slow observer cannot stall a stream.  Implementations must be

@@ -23,7 +23,7 @@ from .app_keys import REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
 from .errors import ProxyError, UpstreamError
-from .events import CallFinished
+from .events import CallFinished, RequestRejected, UpstreamFailed
 from .protocol import EncodeContext, Inbound, Protocol, Route
 from .sse import SSE_HEADERS
 from .storage.base import KeyRecord, UsageRecord
@@ -108,6 +108,8 @@ async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Re
         return await _serve(proxy, call, request)
     except ProxyError as err:
         call.status, call.http_status = "error", err.status
+        if call.hold is None:
+            proxy.emit(RequestRejected(protocol=protocol.name, http_status=err.status, kind=err.kind))
         if call.response_started:
             raise  # already handled in-stream; nothing more can be sent
         return error_response(protocol, err, call.request_id)
@@ -278,6 +280,8 @@ async def dispatch(proxy: Proxy, call: Call, request: web.Request, inbound: Inbo
             return resp
         except UpstreamError as err:
             last = err
+            proxy.emit(UpstreamFailed(upstream=client.name, model=call.model.name, kind=err.kind,
+                                      upstream_status=err.upstream_status))
             if call.response_started or not err.retryable:
                 if not err.retryable and err.upstream_status and err.upstream_status < 500:
                     pass  # the upstream rejected the request itself: not the upstream's fault
