@@ -325,8 +325,11 @@ async def attempt_one(proxy: Proxy, call: Call, request: web.Request, inbound: I
         return await _relay(proxy, call, request, inbound, client, upstream_model)
     if call.ir_request is None:
         call.ir_request = call.protocol.decode_request(inbound)
-        if call.ir_request.max_tokens is None:
-            call.ir_request.max_tokens = call.model.config.max_output_tokens
+        # clamp to the model's limit: clients such as Claude Code ask for 64k,
+        # which smaller upstream models reject (protocols.md pitfall 13)
+        limit = call.model.config.max_output_tokens
+        if call.ir_request.max_tokens is None or call.ir_request.max_tokens > limit:
+            call.ir_request.max_tokens = limit
     ir_req = call.ir_request
     ctx = _ctx(call, ir_req)
     if up.protocol is None:

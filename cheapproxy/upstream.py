@@ -132,7 +132,7 @@ class UpstreamClient:
         except Exception:  # noqa: BLE001 - a malformed error body must not become a 500
             detail = ""
         detail = scrub(detail, self._secrets)[:500]
-        if status in (401, 403):
+        if status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in body):
             # the gateway's own credential was refused: never relay the body (it may echo the key)
             msg = f"upstream {self.name!r} refused the gateway's credentials (HTTP {status}); the operator must fix the upstream api_key"
             return UpstreamError("upstream_failed", msg, upstream_status=status, retryable=True)

@@ -1,0 +1,162 @@
+"""Same-protocol relay: request body with only the model replaced, response
+bytes relayed with usage read on the way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai_chat_helpers import CODEC, fixture, inbound, sse_payloads
+
+from cheapproxy import ir
+from cheapproxy.testing.fake_openai_chat import make_app
+
+BODY = {
+    "model": "client-name",
+    "messages": [{"role": "user", "content": "hi"}],
+    "temperature": 0.7,
+    "logit_bias": {"50256": -100},
+    "web_search_options": {},
+    "stream": True,
+    "stream_options": {"include_obfuscation": False},
+}
+USAGE_TEXT = ir.Usage(input_tokens=186, output_tokens=6, cache_read_tokens=1024)
+
+
+def test_request_replaces_only_the_model_and_forces_usage() -> None:
+    up = CODEC.passthrough_request(inbound(BODY), "gpt-4o-2024-11-20")
+    assert (up.path, up.stream) == ("/chat/completions", True)
+    sent = orjson.loads(up.body)
+    assert sent == {**BODY, "model": "gpt-4o-2024-11-20", "stream_options": {"include_obfuscation": False, "include_usage": True}}
+    assert BODY["stream_options"] == {"include_obfuscation": False}  # the client's body is not mutated
+    plain = {k: v for k, v in BODY.items() if k not in ("stream", "stream_options")}
+    up = CODEC.passthrough_request(inbound(plain), "gpt-4o")
+    assert orjson.loads(up.body) == {**plain, "model": "gpt-4o"} and up.stream is False
+
+
+def test_embeddings_request_goes_to_embeddings_path() -> None:
+    body = {"model": "emb", "input": ["a"], "encoding_format": "base64"}
+    up = CODEC.passthrough_request(inbound(body, "embeddings"), "text-embedding-3-small")
+    assert up.path == "/embeddings" and orjson.loads(up.body) == {**body, "model": "text-embedding-3-small"}
+
+
+def _relay(pt: Any, pieces: list[bytes]) -> bytes:
+    return b"".join(pt.feed(p) for p in pieces) + pt.close()
+
+
+def _split(body: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(body) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in points:
+        out.append(body[prev:p])
+        prev = p
+    return out + [body[prev:]]
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=2100), max_size=30))
+def test_client_asked_for_usage_bytes_are_untouched(cuts: list[int]) -> None:
+    body = fixture("text_usage.sse")
+    pt = CODEC.passthrough(inbound({**BODY, "stream_options": {"include_usage": True}}), stream=True)
+    assert _relay(pt, _split(body, cuts)) == body
+    assert pt.usage == USAGE_TEXT and pt.complete and pt.output_seen and pt.error_message is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=2100), max_size=30))
+def test_client_did_not_ask_usage_chunk_is_stripped(cuts: list[int]) -> None:
+    body = fixture("text_usage.sse")
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    out = _relay(pt, _split(body, cuts))
+    frames = body.split(b"\n\n")
+    expected = b"\n\n".join(f for f in frames if b'"choices":[]' not in f)
+    assert out == expected and len(out) < len(body)
+    assert all(f != "[DONE]" and f["choices"] for f in sse_payloads(out)[:-1])
+    assert pt.usage == USAGE_TEXT and pt.complete
+
+
+def test_crlf_stream_is_split_on_crlf_frames() -> None:
+    body = fixture("combined_crlf.sse")
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    out = _relay(pt, [body[i : i + 7] for i in range(0, len(body), 7)])
+    # the usage here rides on a content chunk: it is read and the chunk kept
+    assert out == body
+    assert pt.usage == ir.Usage(input_tokens=32, output_tokens=12, cache_read_tokens=8, reasoning_tokens=5)
+    assert pt.complete and pt.output_seen
+
+
+def test_output_seen_only_after_real_content() -> None:
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    role = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+    assert pt.feed(role) == role and not pt.output_seen
+    spaced = b'data: {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "x"}]}}]}\n\n'
+    assert pt.feed(spaced) == spaced and pt.output_seen and not pt.complete
+
+
+def test_error_and_cut_streams() -> None:
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    body = fixture("error_midstream.sse")
+    assert _relay(pt, [body]) == body
+    assert pt.error_message == "The server had an error while processing your request. Sorry about that!"
+    assert not pt.complete and pt.usage is None
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    body = fixture("cut.sse")
+    assert _relay(pt, [body[:50], body[50:]]) == body
+    assert not pt.complete and pt.output_seen and pt.error_message is None
+
+
+def test_content_mentioning_usage_and_error_is_not_misread() -> None:
+    pt = CODEC.passthrough(inbound(BODY), stream=True)
+    frame = orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": '{"usage": {"error": 1}}'}}]})
+    data = b"data: " + frame + b"\n\n"
+    assert pt.feed(data) == data
+    assert pt.usage is None and pt.error_message is None and pt.output_seen
+
+
+def test_non_streamed_body_and_usage_from_body() -> None:
+    body = orjson.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 15, "completion_tokens": 7, "total_tokens": 22,
+                  "prompt_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 2},
+                  "completion_tokens_details": {"reasoning_tokens": 3}},
+    })
+    expected = ir.Usage(input_tokens=8, output_tokens=7, cache_read_tokens=5, cache_write_tokens=2, reasoning_tokens=3)
+    assert CODEC.usage_from_body(body) == expected
+    pt = CODEC.passthrough(inbound({**BODY, "stream": False}), stream=False)
+    assert _relay(pt, [body[:20], body[20:]]) == body
+    assert pt.usage == expected and pt.complete and pt.output_seen
+    emb = b'{"object":"list","data":[],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}'
+    assert CODEC.usage_from_body(emb) == ir.Usage(input_tokens=8)
+    assert CODEC.usage_from_body(b"not json") is None
+
+
+@pytest.mark.parametrize("client_usage", [False, True])
+async def test_relay_through_the_fake(aiohttp_server: Any, client_usage: bool) -> None:
+    server = await aiohttp_server(make_app())
+    body = {"model": "my-name", "messages": [{"role": "user", "content": "[tool] go"}], "stream": True,
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
+    if client_usage:
+        body["stream_options"] = {"include_usage": True}
+    inb = inbound(body)
+    up = CODEC.passthrough_request(inb, "gpt-upstream")
+    pt = CODEC.passthrough(inb, stream=True)
+    out = b""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(str(server.make_url("/v1")) + up.path, data=up.body,
+                          headers={"Authorization": "Bearer upstream-secret", **up.headers}) as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                out += pt.feed(chunk)
+    out += pt.close()
+    assert pt.usage == ir.Usage(input_tokens=10, output_tokens=7, cache_read_tokens=5) and pt.complete
+    frames = sse_payloads(out)
+    assert frames[-1] == "[DONE]"
+    assert any(f["choices"] == [] for f in frames[:-1]) is client_usage
+    args = "".join(tc["function"].get("arguments", "") for f in frames[:-1] if f["choices"]
+                   for tc in f["choices"][0]["delta"].get("tool_calls", []))
+    assert orjson.loads(args) == {"city": "Paris"}
