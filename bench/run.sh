@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# bench/run.sh - measure cheapproxy beside the bare aiohttp proxy (and the peers,
+# when installed) with the shared harness (../shared/bench: nginx upstream, wrk,
+# the streaming client), in a private loopback-only network namespace.
+#
+#   bench/run.sh                 # same-protocol run, then translated run
+#   MODES=same bench/run.sh      # only one of: same translated
+#   PEERS_TOO=1 bench/run.sh     # also LiteLLM and Portkey (installed by setup_peers.sh)
+#   DURATION=5 CONNS=16 STREAM_CONC=16 bench/run.sh   # a quick look
+#
+# "same": OpenAI client -> OpenAI upstream and Anthropic client -> Anthropic upstream
+# (passthrough).  "translated": Anthropic client -> OpenAI-Chat upstream and OpenAI
+# client -> Anthropic upstream.  Every feature stays on: auth, routing, holds and
+# settlement in SQLite, usage records, JSON logs.  After each run the script checks
+# that every request the harness made was answered 200 and charged exactly once.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+SHARED=${SHARED:-$(cd "$ROOT/../shared" && pwd)}
+VENV=${VENV:-$ROOT/.venv}
+MODES=${MODES:-"same translated"}
+PORT=${PORT:-14200}
+BASE_TARGETS="direct bare bare-uvloop custom"
+[ "${PEERS_TOO:-0}" = 1 ] && BASE_TARGETS="$BASE_TARGETS portkey litellm-w1"
+TARGETS=${TARGETS:-$BASE_TARGETS}
+
+[ -x "$VENV/bin/cheapproxy" ] || { echo "no $VENV/bin/cheapproxy: run 'make install' first" >&2; exit 1; }
+[ -x "$SHARED/bench/run_peers.sh" ] || { echo "shared harness not found at $SHARED/bench" >&2; exit 1; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || bash "$SHARED/bench/setup_peers.sh"
+
+for mode in $MODES; do
+  WORK=$(mktemp -d /tmp/cheapproxy-bench.XXXXXX)
+  CFG=$WORK/cheapproxy.toml
+  "$VENV/bin/python" "$HERE/make_config.py" "$mode" > "$CFG"
+  CP="$VENV/bin/cheapproxy --config $CFG"
+  $CP users add bench --balance 1000000 --json > /dev/null
+  KEY=$($CP keys create bench --label bench --json | "$VENV/bin/python" -c 'import json,sys;print(json.load(sys.stdin)["key"])')
+  echo "== mode $mode (state in $WORK)"
+  OUT=${OUT_BASE:-$WORK}/results-$mode \
+  TARGETS="$TARGETS" \
+  CUSTOM_CMD="$VENV/bin/cheapproxy --config $CFG serve --port $PORT" \
+  CUSTOM_URL="http://127.0.0.1:$PORT" \
+  CUSTOM_HEADERS="Authorization: Bearer $KEY" \
+  CUSTOM_A_HEADERS="anthropic-version: 2023-06-01|x-api-key: $KEY" \
+  CUSTOM_S_MODEL=gpt-bench-stream \
+    bash "$SHARED/bench/run_peers.sh"
+  "$VENV/bin/python" "$HERE/check_charges.py" "$CFG" "${OUT_BASE:-$WORK}/results-$mode"
+done
