@@ -30,6 +30,7 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || bash "$SHARED/bench/
 
 for mode in $MODES; do
   WORK=$(mktemp -d /tmp/cheapproxy-bench.XXXXXX)
+  chmod 755 "$WORK"   # nginx workers (user nobody) read the payloads under it
   CFG=$WORK/cheapproxy.toml
   "$VENV/bin/python" "$HERE/make_config.py" "$mode" > "$CFG"
   CP="$VENV/bin/cheapproxy --config $CFG"
