@@ -17,7 +17,7 @@ from aiohttp import web
 from . import __version__, pipeline
 from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import KeyCache
-from .billing import Billing
+from .leases import LeaseBilling
 from .catalog import Catalog, build_catalog, with_defaults
 from .config import Config
 from .errors import ConfigError, ProxyError
@@ -48,7 +48,7 @@ class Proxy:
         self.registry = registry
         self.catalog = catalog
         self.storage = storage
-        self.billing = Billing(storage)
+        self.billing = LeaseBilling(storage)
         self.keys = KeyCache(storage, refresh_seconds=config.server.key_cache_seconds)
         self.ratelimiter = RateLimiter()
         r = config.routing
@@ -100,6 +100,7 @@ class Proxy:
         """Wait until every tracked task (settlements) finished (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.billing.flush()
 
     def emit(self, event: Any) -> None:
         if not self.registry.pm.hook.track_event.get_hookimpls():
@@ -196,6 +197,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await t
         for c in proxy.clients.values():
             await c.close()
+        await proxy.billing.close()
         await proxy.storage.close()
 
 

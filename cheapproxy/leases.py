@@ -1,0 +1,241 @@
+"""Fast billing for the request path: balance *leases* and group commit.
+
+A per-request database hold plus a per-request settlement transaction cost
+more than everything else a gateway does.  Here each process leases a slice
+of a key's balance with one ordinary storage hold (so several processes
+sharing a database still can never overdraw: the leases themselves are
+holds), reserves requests against the lease in memory, and settles finished
+requests in batches -- one transaction for every request that finished while
+the previous batch was committing.  The caller awaits its batch, so a charge
+is durable before the response ends.
+
+* A lease is ``max(need, lease_multiple x need)`` capped by what the storage
+  grants; if the larger lease is refused, exactly ``need`` is tried, so a
+  small balance still serves its last request.
+* A lease whose reservations all ended is released after
+  ``lease_idle_seconds`` (and at shutdown); a crashed process's leases are
+  released by the stale-hold sweeper (``[billing] hold_ttl_seconds``).
+* Storage backends without ``charge_batch`` get the plain per-request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from decimal import Decimal
+from typing import Any
+
+import attrs
+import structlog
+
+from . import ir
+from .billing import Billing, Hold
+from .errors import ProxyError
+from .pricing import PricingScheme, clamp_usage, round_charge
+from .storage.base import KeyRecord, UsageRecord
+
+log = structlog.get_logger("cheapproxy.leases")
+
+
+@attrs.define(eq=False)
+class Lease:
+    id: str
+    user_id: int
+    key_id: str | None
+    remaining: Decimal  # what the database still holds for this lease
+    reserved: Decimal = Decimal(0)  # reservations in memory against it
+    users: int = 0  # open reservations
+    idle_handle: Any = None
+
+    @property
+    def free(self) -> Decimal:
+        return self.remaining - self.reserved
+
+
+@attrs.define(kw_only=True, eq=False)
+class LeaseHold(Hold):
+    lease: Lease | None = None
+
+
+@attrs.define(eq=False)
+class _Pending:
+    hold: LeaseHold
+    cost: Decimal
+    record: UsageRecord
+    future: asyncio.Future[tuple[Decimal, Decimal]]
+
+
+class LeaseBilling(Billing):
+    def __init__(self, storage: Any, *, lease_multiple: int = 16, lease_idle_seconds: float = 2.0) -> None:
+        super().__init__(storage)
+        self.lease_multiple = lease_multiple
+        self.lease_idle_seconds = lease_idle_seconds
+        self._leases: dict[tuple[int, str | None], list[Lease]] = {}
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._lease_lock = asyncio.Lock()
+        self._closing = False
+
+    @property
+    def enabled(self) -> bool:
+        return hasattr(self.storage, "charge_batch")
+
+    # ---------------------------------------------------------------- reserve
+
+    async def reserve(self, *, request_id: str, user_id: int, key: KeyRecord | None, scheme: PricingScheme,
+                      input_tokens_estimate: int, max_output_tokens: int, task: dict[str, Any] | None = None) -> Hold:
+        if task is not None or not self.enabled or self._closing:
+            return await super().reserve(request_id=request_id, user_id=user_id, key=key, scheme=scheme,
+                                         input_tokens_estimate=input_tokens_estimate,
+                                         max_output_tokens=max_output_tokens, task=task)
+        from .billing import _bounded
+
+        _bounded(input_tokens_estimate, "input_tokens_estimate")
+        _bounded(max_output_tokens, "max_output_tokens")
+        need = round_charge(max(scheme.estimate_max(input_tokens=input_tokens_estimate,
+                                                    max_output_tokens=max_output_tokens), Decimal(0)))
+        key_id = key.id if key is not None else None
+        lease = self._take(user_id, key_id, need)
+        if lease is None:
+            async with self._lease_lock:
+                lease = self._take(user_id, key_id, need)  # another coroutine may have leased meanwhile
+                if lease is None:
+                    lease = await self._new_lease(user_id, key_id, need)
+                    if lease is None:
+                        raise await self._refusal(user_id, key, need)
+                    lease.reserved += need
+                    lease.users += 1
+        return LeaseHold(id=lease.id, request_id=request_id, user_id=user_id, key_id=key_id, amount=need, lease=lease)
+
+    def _take(self, user_id: int, key_id: str | None, need: Decimal) -> Lease | None:
+        for lease in self._leases.get((user_id, key_id), ()):
+            if lease.free >= need:
+                lease.reserved += need
+                lease.users += 1
+                if lease.idle_handle is not None:
+                    lease.idle_handle.cancel()
+                    lease.idle_handle = None
+                return lease
+        return None
+
+    async def _new_lease(self, user_id: int, key_id: str | None, need: Decimal) -> Lease | None:
+        for amount in ((need * self.lease_multiple), need) if need > 0 else (Decimal("0.000001"),):
+            lid = "lease_" + secrets.token_hex(12)
+            if await self.storage.hold(lid, user_id=user_id, key_id=key_id, amount=amount):
+                lease = Lease(id=lid, user_id=user_id, key_id=key_id, remaining=amount)
+                self._leases.setdefault((user_id, key_id), []).append(lease)
+                return lease
+        return None
+
+    # ---------------------------------------------------------------- settle / release
+
+    async def settle(self, hold: Hold, *, scheme: PricingScheme, usage: ir.Usage, record: UsageRecord,
+                     task: dict[str, Any] | None = None) -> Decimal:
+        if not isinstance(hold, LeaseHold):
+            return await super().settle(hold, scheme=scheme, usage=usage, record=record, task=task)
+        async with hold._lock:
+            if hold.state != "open":
+                return hold.cost if hold.cost is not None else Decimal(0)
+            usage = clamp_usage(usage)
+            cost = round_charge(max(scheme.cost(usage, task=None), Decimal(0)))
+            record.cost = cost
+            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+            record.cache_read_tokens, record.cache_write_tokens = usage.cache_read_tokens, usage.cache_write_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            await self._submit(hold, cost, record)
+            hold.state, hold.cost = "settled", cost
+            return cost
+
+    async def release(self, hold: Hold, *, record: UsageRecord | None = None) -> bool:
+        if not isinstance(hold, LeaseHold):
+            return await super().release(hold, record=record)
+        async with hold._lock:
+            if hold.state != "open":
+                return False
+            if record is not None:
+                record.cost = Decimal(0)
+                await self._submit(hold, Decimal(0), record)
+            else:
+                self._unreserve(hold, Decimal(0))
+            hold.state, hold.cost = "released", Decimal(0)
+            return True
+
+    async def _submit(self, hold: LeaseHold, cost: Decimal, record: UsageRecord) -> None:
+        fut: asyncio.Future[tuple[Decimal, Decimal]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(hold, cost, record, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        # a cancelled waiter does not stop the batch: it still commits and unreserves
+        await asyncio.shield(fut)
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            items = [(p.hold.id, p.cost, p.record, "charge") for p in batch]
+            try:
+                results = await self.storage.charge_batch(items)
+            except Exception as exc:  # noqa: BLE001 - each waiter gets the error
+                for p in batch:
+                    self._unreserve(p.hold, Decimal(0))
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, (charged, from_lease) in zip(batch, results):
+                self._unreserve(p.hold, from_lease)
+                if not p.future.done():
+                    p.future.set_result((charged, from_lease))
+
+    def _unreserve(self, hold: LeaseHold, from_lease: Decimal) -> None:
+        lease = hold.lease
+        if lease is None:
+            return
+        hold.lease = None
+        lease.reserved -= hold.amount
+        lease.remaining -= from_lease
+        lease.users -= 1
+        if lease.users == 0:
+            if lease.remaining <= 0 or self._closing:
+                self._schedule_release(lease, 0)
+            elif lease.idle_handle is None:
+                self._schedule_release(lease, self.lease_idle_seconds)
+
+    def _schedule_release(self, lease: Lease, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if lease.idle_handle is not None:
+            lease.idle_handle.cancel()
+        lease.idle_handle = loop.call_later(delay, lambda: loop.create_task(self._release_lease(lease)))
+
+    async def _release_lease(self, lease: Lease) -> None:
+        if lease.users:
+            return  # reused meanwhile
+        group = self._leases.get((lease.user_id, lease.key_id), [])
+        if lease in group:
+            group.remove(lease)
+            if not group:
+                self._leases.pop((lease.user_id, lease.key_id), None)
+        lease.idle_handle = None
+        try:
+            await self.storage.release(lease.id)
+        except Exception:  # noqa: BLE001 - the sweeper releases it later
+            log.exception("billing.lease_release_failed", lease=lease.id)
+
+    async def flush(self) -> None:
+        """Commit pending settlements and release every idle lease now."""
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
+        for group in list(self._leases.values()):
+            for lease in list(group):
+                if lease.users == 0:
+                    if lease.idle_handle is not None:
+                        lease.idle_handle.cancel()
+                    await self._release_lease(lease)
+
+    async def close(self) -> None:
+        self._closing = True
+        await self.flush()
+
+    def open_leases(self) -> int:
+        return sum(len(g) for g in self._leases.values())
+
+
+__all__ = ["LeaseBilling", "Lease", "LeaseHold", "ProxyError"]
