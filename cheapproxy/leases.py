@@ -13,8 +13,11 @@ is durable before the response ends.
   grants; if the larger lease is refused, exactly ``need`` is tried, so a
   small balance still serves its last request.
 * A lease whose reservations all ended is released after
-  ``lease_idle_seconds`` (and at shutdown); a crashed process's leases are
-  released by the stale-hold sweeper (``[billing] hold_ttl_seconds``).
+  ``lease_idle_seconds`` (and at shutdown); a lease older than
+  ``max_lease_age`` takes no new reservations, so it is released once its
+  last request ends, long before the stale-hold sweeper
+  (``[billing] hold_ttl_seconds``, for a crashed process's leases) could
+  meet it in use.
 * Storage backends without ``charge_batch`` get the plain per-request path.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -46,6 +50,7 @@ class Lease:
     reserved: Decimal = Decimal(0)  # reservations in memory against it
     users: int = 0  # open reservations
     idle_handle: Any = None
+    created: float = attrs.Factory(time.monotonic)
 
     @property
     def free(self) -> Decimal:
@@ -66,8 +71,10 @@ class _Pending:
 
 
 class LeaseBilling(Billing):
-    def __init__(self, storage: Any, *, lease_multiple: int = 16, lease_idle_seconds: float = 2.0) -> None:
+    def __init__(self, storage: Any, *, lease_multiple: int = 16, lease_idle_seconds: float = 2.0,
+                 max_lease_age: float = 300.0) -> None:
         super().__init__(storage)
+        self.max_lease_age = max_lease_age
         self.lease_multiple = lease_multiple
         self.lease_idle_seconds = lease_idle_seconds
         self._leases: dict[tuple[int, str | None], list[Lease]] = {}
@@ -108,8 +115,10 @@ class LeaseBilling(Billing):
         return LeaseHold(id=lease.id, request_id=request_id, user_id=user_id, key_id=key_id, amount=need, lease=lease)
 
     def _take(self, user_id: int, key_id: str | None, need: Decimal) -> Lease | None:
+        now = time.monotonic()
         for lease in self._leases.get((user_id, key_id), ()):
-            if lease.free >= need:
+            # rotate old leases so the stale-hold sweeper never meets one in use
+            if lease.free >= need and now - lease.created < self.max_lease_age:
                 lease.reserved += need
                 lease.users += 1
                 if lease.idle_handle is not None:
