@@ -181,12 +181,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     dispatcher = asyncio.get_running_loop().create_task(proxy._dispatch_events())
     sweeper = asyncio.get_running_loop().create_task(proxy.sweep_forever())
     stack = contextlib.AsyncExitStack()
+    from .tasks import TaskService
+
+    task_service = TaskService.of(proxy)
     try:
+        await task_service.start()  # the durable task poller (resumes unfinished tasks)
         for cm in proxy.registry.pm.hook.lifespan(proxy=proxy):
             if cm is not None:
                 await stack.enter_async_context(cm)
         yield
     finally:
+        await task_service.stop()
         await proxy.wait_idle()
         await stack.aclose()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -119,14 +119,16 @@ def check(state: State) -> None:
     config, registry = state.load()
     catalog = build_catalog(config, registry)
 
-    async def probe(storage: Any) -> bool:
-        return bool(await storage.ping())
+    async def probe(storage: Any) -> tuple[bool, str]:
+        # the backend's own (password-masked) URL, never the configured string
+        return bool(await storage.ping()), str(getattr(storage, "url", "") or config.server.database.split("://")[0] + "://…")
 
-    if not state.with_storage(probe):
+    ok, where = state.with_storage(probe)
+    if not ok:
         raise click.ClickException("database does not answer")
     click.echo(
         f"ok: {len(registry.plugins)} plugins, {len(catalog.upstreams)} upstreams, {len(catalog.models)} models, "
-        f"database {config.server.database}"
+        f"database {where}"
     )
 
 
@@ -238,6 +240,7 @@ def topup(state: State, name: str, usd: Decimal, as_json: bool) -> None:
 
 
 from . import cli_keys  # noqa: E402,F401  (keys / usage / tasks commands)
+from . import cli_tasks  # noqa: E402,F401  (tasks list / show)
 
 
 def main() -> None:

@@ -30,6 +30,11 @@ def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise ValueError(f"{attr.name} must be positive")
 
 
+def _zero_or_more(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attr.name} must not be negative")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -39,13 +44,17 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "auto"  # json | console | auto (console on a TTY)
     access_log: bool = False
-    shutdown_grace_seconds: float = 30.0
+    shutdown_grace_seconds: float = attrs.field(default=30.0, validator=_zero_or_more)
     max_in_flight: int = attrs.field(default=4096, validator=_positive)
     max_in_flight_per_key: int = attrs.field(default=256, validator=_positive)
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 30.0
+    # a connection must deliver a complete request head this soon after it opened
+    # (or after its previous response); also the idle keep-alive timeout
+    header_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)
+    body_timeout_seconds: float = attrs.field(default=30.0, validator=_positive)  # to read the whole request body
+    send_timeout_seconds: float = attrs.field(default=60.0, validator=_positive)  # one write to a client that stopped reading
+    disconnect_check_seconds: float = attrs.field(default=0.1, validator=_positive)  # how often waiting requests look for a vanished client
     demo: bool = True  # offer the built-in demo upstream and models (no upstream needed)
-    drain_seconds: float = 5.0  # after a client disconnect, keep reading the upstream this long for its usage
+    drain_seconds: float = attrs.field(default=5.0, validator=_zero_or_more)  # after a client disconnect, keep reading the upstream this long for its usage
     first_user: str = "admin"  # created with one key on first start with an empty database
     first_user_balance: Decimal = Decimal("10.00")
     key_cache_seconds: float = 5.0  # how often the key cache checks for changes made by other processes
@@ -99,11 +108,15 @@ class PluginsConfig:
 
 @attrs.frozen(kw_only=True)
 class RoutingConfig:
-    retries: int = 2  # extra attempts beyond the first, across the fallback list
-    deadline_seconds: float = 300.0  # overall budget for all attempts before the first byte
-    cooldown_after_failures: int = 5
-    cooldown_base_seconds: float = 5.0
-    cooldown_max_seconds: float = 300.0
+    retries: int = attrs.field(default=2, validator=_zero_or_more)  # extra attempts beyond one per upstream
+    deadline_seconds: float = attrs.field(default=300.0, validator=_positive)  # overall budget for all attempts before the first byte
+    cooldown_after_failures: int = attrs.field(default=5, validator=_positive)
+    cooldown_base_seconds: float = attrs.field(default=5.0, validator=_positive)
+    cooldown_max_seconds: float = attrs.field(default=300.0, validator=_positive)
+    pool_timeout_seconds: float = attrs.field(default=5.0, validator=_positive)  # wait for a free upstream connection, then 503
+    retry_budget_percent: float = attrs.field(default=20.0, validator=_zero_or_more)  # retries allowed per 100 requests (per upstream) ...
+    retry_budget_min: int = attrs.field(default=10, validator=_zero_or_more)  # ... plus this reserve
+    retry_after_max_seconds: float = attrs.field(default=30.0, validator=_zero_or_more)  # longer upstream Retry-After: answered, not waited
 
 
 @attrs.frozen(kw_only=True)
@@ -114,6 +127,32 @@ class BillingConfig:
     hold_ttl_seconds: float = 3600.0
 
 
+def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attr.name} must not be negative")
+
+
+@attrs.frozen(kw_only=True)
+class TasksConfig:
+    """``[tasks]``: async video / image / audio tasks (see docs/tasks.md)."""
+
+    poller: bool = True  # poll unfinished tasks from this process (every instance may; finalisation is a CAS)
+    poll_interval_seconds: float = attrs.field(default=5.0, validator=_positive)  # first poll delay, back-off base
+    poll_backoff: float = attrs.field(default=1.5, validator=_positive)  # each poll waits this factor longer
+    max_poll_interval_seconds: float = attrs.field(default=60.0, validator=_positive)  # back-off ceiling
+    poll_concurrency: int = attrs.field(default=32, validator=_positive)  # polls in flight per process
+    poll_batch: int = attrs.field(default=200, validator=_positive)  # due tasks read per round
+    deadline_seconds: float = attrs.field(default=7200.0, validator=_positive)  # unfinished after this: failed, released
+    hold_max_usd: Decimal = attrs.field(default=Decimal("5.00"), validator=_non_negative)  # hold when no estimate
+    public_base_url: str | None = None  # base of gateway URLs in task objects sent by webhook (else: relative)
+    webhook_allow_private: bool = False  # allow callback_url on loopback / private / link-local addresses
+    webhook_retries: int = attrs.field(default=5, validator=_non_negative)  # retries after the first attempt
+    webhook_backoff_seconds: float = attrs.field(default=2.0, validator=_positive)  # first retry delay, doubling
+    webhook_timeout_seconds: float = attrs.field(default=10.0, validator=_positive)  # per attempt
+    webhook_secret: str | None = None  # when set: X-Cheapproxy-Signature: sha256=HMAC(secret, body)
+    webhook_resume_scan: int = attrs.field(default=1000, validator=_positive)  # recent tasks checked at start
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig = attrs.Factory(ServerConfig)
@@ -122,6 +161,7 @@ class Config:
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
     routing: RoutingConfig = attrs.Factory(RoutingConfig)
     billing: BillingConfig = attrs.Factory(BillingConfig)
+    tasks: TasksConfig = attrs.Factory(TasksConfig)
     path: str | None = None  # the file it came from
     base_dir: str = "."
 
@@ -202,7 +242,7 @@ def substitute_env(value: Any, path: str = "") -> Any:
     return value
 
 
-CORE_TABLES = {"server", "upstreams", "models", "plugins", "routing", "billing"}
+CORE_TABLES = {"server", "upstreams", "models", "plugins", "routing", "billing", "tasks"}
 UPSTREAM_CORE_KEYS = {f.name for f in attrs.fields(UpstreamConfig)} - {"options"}
 PRICE_CORE_KEYS = {"scheme"}
 

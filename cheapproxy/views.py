@@ -141,3 +141,6 @@ def add_core_routes(add: Callable[[str, str, Callable[..., Any], str], None]) ->
     add("GET", "/v1beta/models", list_models_gemini, "core")
     add("GET", "/v1/models/info", models_info, "core")
     add("POST", "/api/user/transfer", transfer, "core")
+    from .tasks.views import add_task_routes
+
+    add_task_routes(add)  # async video / image / audio tasks

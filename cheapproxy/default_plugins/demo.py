@@ -3,7 +3,9 @@ protocol, so ``cheapproxy serve`` works with no configuration at all.
 
 It echoes the last user message ("echo: ...") as a stream of word deltas and
 reports usage from the documented local count (utf-8 bytes / 4), billed at
-the demo model's price like any real model.
+the demo model's price like any real model.  It also offers ``demo-image``
+(synchronous images) and the ``demo-video`` / ``demo-audio`` /
+``demo-image-task`` task models (``cheapproxy.tasks.demo``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import AsyncIterator
 from cheapproxy import hookimpl, ir
 from cheapproxy.config import ModelConfig, PriceConfig
 from cheapproxy.provider import ProviderType
+from cheapproxy.tasks import ImageProvider, TaskProvider
+from cheapproxy.tasks.demo import DemoTasks
 
 
 def _tokens(text: str) -> int:
@@ -54,10 +58,10 @@ def _prompt_tokens(request: ir.Request) -> int:
     return max(1, total)
 
 
-class DemoProvider(ProviderType):
+class DemoProvider(DemoTasks, TaskProvider, ImageProvider, ProviderType):
     name = "demo"
     protocol = None
-    operations = frozenset({"chat", "embeddings"})
+    operations = frozenset({"chat", "embeddings", "tasks", "images"})
 
     @classmethod
     def default_models(cls, upstream_name: str) -> list[ModelConfig]:
@@ -68,7 +72,7 @@ class DemoProvider(ProviderType):
             ModelConfig(name="demo-embed", upstream=upstream_name, kind="embedding", max_output_tokens=1,
                         description="Built-in demo embedding model (deterministic vectors).",
                         price=PriceConfig(scheme="per_token", options={"input": "0.10"})),
-        ]
+        ] + DemoTasks.demo_models(upstream_name)  # demo-image (sync); demo-video, -audio, -image-task (tasks)
 
     async def generate(self, request: ir.Request, upstream_model: str) -> AsyncIterator[ir.StreamEvent]:
         text, is_result = _last_user_text(request)
