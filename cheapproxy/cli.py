@@ -116,8 +116,11 @@ def check(state: State) -> None:
     """Validate config, plugins and database; exit non-zero with the reason."""
     from .catalog import build_catalog
 
+    from .tasks import validate_task_models
+
     config, registry = state.load()
     catalog = build_catalog(config, registry)
+    validate_task_models(catalog)  # a task model its provider cannot run or price
 
     async def probe(storage: Any) -> tuple[bool, str]:
         # the backend's own (password-masked) URL, never the configured string
