@@ -71,7 +71,7 @@ class _Pending:
 
 
 class LeaseBilling(Billing):
-    def __init__(self, storage: Any, *, lease_multiple: int = 16, lease_idle_seconds: float = 2.0,
+    def __init__(self, storage: Any, *, lease_multiple: int = 64, lease_idle_seconds: float = 2.0,
                  max_lease_age: float = 300.0) -> None:
         super().__init__(storage)
         self.max_lease_age = max_lease_age
