@@ -268,7 +268,9 @@ def _describe(exc: BaseException, file: str | None, table: str) -> ConfigError:
         where = where.removeprefix("$").removeprefix(".")
         if table:
             where = f"{table}.{where}" if where else table
-        tbl, _, key = where.rpartition(".")
+        tbl, dot, key = where.rpartition(".")
+        if not dot:  # the whole table is at fault (e.g. an unknown key in it)
+            tbl, key = where, ""
         extra = f" (and {len(msgs) - 1} more problem(s))" if len(msgs) > 1 else ""
         return ConfigError((msg or first) + extra, file=file, table=tbl or table, key=key or None)
     return ConfigError(str(exc), file=file, table=table)
