@@ -133,6 +133,8 @@ class SQLiteStorage:
         self._db: aiosqlite.Connection | None = None
         self._rdb: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._fast: sqlite3.Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -163,6 +165,9 @@ class SQLiteStorage:
             async with self._lock:
                 await apply_migrations(self._db, now=_now())
             self._rdb = await self._connect() if self.path is not None else self._db
+            if self.path is not None:
+                self._fast = self._connect_fast()
+                self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_forever())
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.url}: {exc}") from None
@@ -170,7 +175,39 @@ class SQLiteStorage:
             await self.close()
             raise
 
+    def _connect_fast(self) -> sqlite3.Connection:
+        """A connection used directly on the event loop for the hot path's
+        short transactions.  It never waits for the write lock
+        (busy_timeout 0: a busy database falls back to the threaded path) and
+        never checkpoints (the checkpointer does that off the loop)."""
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    async def _checkpoint_forever(self, every: float = 0.5) -> None:
+        """Fold the WAL back into the database from aiosqlite's thread, so the
+        loop-side connection's commits stay short."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                async with self._lock:  # never inside another coroutine's transaction
+                    await self._writer().execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:  # noqa: BLE001 - retried next round
+                pass
+
     async def close(self) -> None:
+        fast, self._fast = self._fast, None
+        task, self._checkpointer = self._checkpointer, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if fast is not None:
+            fast.close()
         db, rdb, self._db, self._rdb = self._db, self._rdb, None, None
         if rdb is not None and rdb is not db:
             await rdb.close()
@@ -458,6 +495,25 @@ class SQLiteStorage:
                     pass
                 raise
 
+        fast = self._fast
+        if fast is not None and not self._lock.locked():
+            # the hot path: a short transaction right here, no thread hand-off;
+            # if another connection holds the write lock, take the threaded path
+            try:
+                fast.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                pass
+            else:
+                try:
+                    result = fn(fast, *args)
+                    fast.execute("COMMIT")
+                    return result
+                except BaseException as exc:
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        fast.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.OperationalError):
+                        raise StorageError(f"database error: {exc}") from None
+                    raise
         async with self._lock:
             try:
                 return await db._execute(run)
