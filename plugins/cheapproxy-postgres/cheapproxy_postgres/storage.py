@@ -12,7 +12,8 @@ Concurrency model (READ COMMITTED, one pool per process):
   keys); a second settlement finds no open hold and charges nothing.
 * Row locks are always taken in one global order -- holds, then users by id,
   then keys by id -- so transactions never wait on each other in a cycle:
-  a transfer locks both users in id order, the stale-hold sweep skips holds
+  a transfer locks both users in id order, a lease batch (``charge_batch``)
+  locks its holds, users and keys each sorted, the stale-hold sweep skips holds
   another instance is finishing (SKIP LOCKED) and unholds users and keys in id
   order.  Deadlock and serialization errors are still retried (the whole
   transaction, a few times, with jitter), as a safety net.
@@ -70,6 +71,27 @@ _KEY_SELECT = "SELECT k.*, u.name AS user_name FROM api_keys k JOIN users u ON u
 _LEDGER_INSERT = ("INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
                   " VALUES ($1, $2, $3, $4, $5, $6, $7)")
 _USAGE_INSERT = f"INSERT INTO usage ({', '.join(USAGE_COLS)}) VALUES ({marks(len(USAGE_COLS))})"
+_USAGE_TYPES = dict.fromkeys(USAGE_COLS, "bigint") | dict.fromkeys(
+    ("request_id", "key_id", "model", "upstream", "protocol", "status", "usage_source"), "text") | {
+    "streamed": "boolean", "created_at": "timestamptz"}
+# charge_batch's writes as ONE statement (one round trip): unnest() turns column arrays into rows.  Every
+# row it updates is already locked; WITH ORDINALITY gives ledger ids the batch order of the running balance_after.
+_BATCH_WRITE = (
+    "WITH h AS (UPDATE holds t SET amount = v.amount FROM unnest($1::text[], $2::bigint[]) AS v(id, amount)"
+    " WHERE t.id = v.id), u AS (UPDATE users t SET balance = v.balance, held = v.held"
+    " FROM unnest($3::bigint[], $4::bigint[], $5::bigint[]) AS v(id, balance, held) WHERE t.id = v.id),"
+    " k AS (UPDATE api_keys t SET spent = v.spent, held = v.held"
+    " FROM unnest($6::text[], $7::bigint[], $8::bigint[]) AS v(id, spent, held) WHERE t.id = v.id),"
+    " l AS (INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
+    " SELECT uid, amt, knd, ref, bal, note, at FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::text[],"
+    " $13::bigint[], $14::text[], $15::timestamptz[]) WITH ORDINALITY AS v(uid, amt, knd, ref, bal, note, at, o)"
+    f" ORDER BY o) INSERT INTO usage ({', '.join(USAGE_COLS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n}::{_USAGE_TYPES[c]}[]" for n, c in enumerate(USAGE_COLS, 16)) + ")")
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples -> one list per column (the arguments of an ``unnest``)."""
+    return [list(col) for col in zip(*rows)] if rows else [[] for _ in range(width)]
 
 
 class PostgresStorage(TaskMethods):
@@ -375,6 +397,74 @@ class PostgresStorage(TaskMethods):
 
         balance = await self._write(fn)
         return None if balance is None else from_micro(balance)
+
+    async def charge_batch(self, items: list[tuple[str, Decimal, UsageRecord, str]]) -> list[tuple[Decimal, Decimal]]:
+        """Charge many requests against open *lease* holds in ONE transaction
+        (group commit; the SQLite backend's semantics).  Each item is
+        ``(lease_hold_id, cost, record, kind)``: the charge comes from the lease
+        first, then the free balance, capped like ``settle`` (the shortfall
+        recorded as ``unpaid``); the lease stays open with its amount reduced.
+        Returns, per item, (charged, taken from the lease)."""
+        if not items:
+            return []
+        wants = [to_micro(cost, "cost") for _, cost, _, _ in items]
+        if min(wants) < 0:
+            raise ValueError("a cost cannot be negative")
+
+        async def fn(db: asyncpg.Connection) -> list[tuple[int, int]]:
+            # lock in the global order (holds, users by id, keys by id) whatever the items' order;
+            # COLLATE "C" sorts text ids like Python's sorted(), which the stale-hold sweep uses
+            leases = {r["id"]: dict(r) for r in await db.fetch(
+                "SELECT id, user_id, key_id, amount FROM holds WHERE id = ANY($1::text[]) AND state = 'open'"
+                ' ORDER BY id COLLATE "C" FOR NO KEY UPDATE', sorted({i[0] for i in items}))}
+            missing = sorted({i[0] for i in items} - leases.keys())
+            if missing:
+                raise ValueError(f"lease {missing[0]!r} is not open")  # the whole batch fails, as on SQLite
+            users = {r["id"]: dict(r) for r in await db.fetch(
+                "SELECT id, balance, held FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
+                sorted({h["user_id"] for h in leases.values()}))}
+            kids = sorted({h["key_id"] for h in leases.values() if h["key_id"] is not None})
+            keys = {r["id"]: dict(r) for r in await db.fetch(
+                "SELECT id, spent, held, max_spend FROM api_keys WHERE id = ANY($1::text[])"
+                ' ORDER BY id COLLATE "C" FOR NO KEY UPDATE', kids)} if kids else {}
+            now = utcnow()
+            ledger: list[tuple[Any, ...]] = []
+            usage: list[tuple[Any, ...]] = []
+            out: list[tuple[int, int]] = []
+            for (lease_id, _, r, kind), want in zip(items, wants):
+                h = leases[lease_id]
+                u = users[h["user_id"]]
+                if r.user_id != h["user_id"]:
+                    raise ValueError("the usage record belongs to another user than the lease")
+                room = h["amount"] + (u["balance"] - u["held"])
+                k = keys.get(h["key_id"])
+                if k is not None and k["max_spend"] is not None:
+                    room = min(room, k["max_spend"] - k["spent"] - (k["held"] - h["amount"]))
+                charge = max(0, min(want, room))
+                from_lease = min(charge, h["amount"])
+                h["amount"] -= from_lease
+                u["balance"] -= charge
+                u["held"] -= from_lease
+                if k is not None:
+                    k["spent"] += charge
+                    k["held"] -= from_lease
+                if charge:  # a zero charge is a usage row only, as in settle
+                    ledger.append((h["user_id"], -charge, kind, r.request_id, u["balance"], r.model, now))
+                usage.append((r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, bool(r.streamed),
+                              r.status, r.http_status, r.input_tokens, r.output_tokens, r.cache_write_tokens,
+                              r.cache_read_tokens, r.reasoning_tokens, want, want - charge, r.latency_ms, r.ttft_ms,
+                              r.usage_source, ts(r.created_at) or now))
+                out.append((charge, from_lease))
+            try:
+                await db.execute(_BATCH_WRITE, list(leases), [h["amount"] for h in leases.values()],
+                                 *_columns([(i, u["balance"], u["held"]) for i, u in users.items()], 3),
+                                 *_columns([(i, k["spent"], k["held"]) for i, k in keys.items()], 3),
+                                 *_columns(ledger, 7), *_columns(usage, len(USAGE_COLS)))
+            except asyncpg.UniqueViolationError:
+                raise ValueError("a request in the batch was already charged") from None
+            return out
+
+        return [(from_micro(c), from_micro(f)) for c, f in await self._write(fn)]
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> bool:
         """Cancel the hold with no charge (writing ``record`` at cost 0)."""
