@@ -183,16 +183,36 @@ class LeaseBilling(Billing):
             items = [(p.hold.id, p.cost, p.record, "charge") for p in batch]
             try:
                 results = await self.storage.charge_batch(items)
-            except Exception as exc:  # noqa: BLE001 - each waiter gets the error
-                for p in batch:
-                    self._unreserve(p.hold, Decimal(0))
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+            except Exception:  # noqa: BLE001 - one bad item must not cost the others their charge
+                for p, item in zip(batch, items):
+                    await self._settle_alone(p, item)
                 continue
             for p, (charged, from_lease) in zip(batch, results):
                 self._unreserve(p.hold, from_lease)
                 if not p.future.done():
                     p.future.set_result((charged, from_lease))
+
+    async def _settle_alone(self, p: _Pending, item: tuple[str, Decimal, UsageRecord, str]) -> None:
+        """A failed batch is retried item by item; an item whose lease is gone
+        (released by the stale-hold sweeper) is charged through a fresh zero
+        hold, i.e. from the free balance, so the charge is never dropped."""
+        try:
+            try:
+                (charged, from_lease), = await self.storage.charge_batch([item])
+            except ValueError:
+                zero = "hold_" + secrets.token_hex(12)
+                if not await self.storage.hold(zero, user_id=p.hold.user_id, key_id=p.hold.key_id, amount=Decimal(0)):
+                    raise
+                await self.storage.settle(zero, cost=p.cost, record=p.record)
+                charged, from_lease = p.cost, Decimal(0)
+        except Exception as exc:  # noqa: BLE001 - the waiter logs it
+            self._unreserve(p.hold, Decimal(0))
+            if not p.future.done():
+                p.future.set_exception(exc)
+            return
+        self._unreserve(p.hold, from_lease)
+        if not p.future.done():
+            p.future.set_result((charged, from_lease))
 
     def _unreserve(self, hold: LeaseHold, from_lease: Decimal) -> None:
         lease = hold.lease

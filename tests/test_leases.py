@@ -155,3 +155,21 @@ async def test_cancelled_waiter_still_commits(store):
     await b.flush()
     assert [e.reference for e in await store.ledger(u.id) if e.kind == "charge"] == ["c1"]
     assert await store.open_holds() == 0
+
+
+async def test_a_lease_released_under_a_request_still_charges(store):
+    """If the stale-hold sweeper released a lease while a request used it, the
+    charge is taken from the free balance instead of being dropped."""
+    u = await store.create_user("gus", D("1"))
+    key = await make_key(store, u.id)
+    b = LeaseBilling(store)
+    h1 = await reserve(b, "g1", u.id, key)
+    h2 = await reserve(b, "g2", u.id, key)
+    assert await store.release(h1.lease.id)  # the sweeper took it
+    await asyncio.gather(
+        b.settle(h1, scheme=SCHEME, usage=ir.Usage(output_tokens=100), record=rec("g1", u.id)),
+        b.settle(h2, scheme=SCHEME, usage=ir.Usage(output_tokens=200), record=rec("g2", u.id)))
+    await b.flush()
+    user = await store.get_user("gus")
+    assert user.balance == D("1") - D("0.006") and user.held == 0 and await store.open_holds() == 0
+    assert sorted(e.reference for e in await store.ledger(u.id) if e.kind == "charge") == ["g1", "g2"]
