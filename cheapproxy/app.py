@@ -26,6 +26,7 @@ from .logging import add_secret
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .upstream import Breaker, UpstreamClient
+from .watch import CallWatcher
 
 log = structlog.get_logger("cheapproxy.app")
 
@@ -53,7 +54,7 @@ class Proxy:
         self.ratelimiter = RateLimiter()
         r = config.routing
         self.clients = {
-            name: UpstreamClient(u, Breaker(r.cooldown_after_failures, r.cooldown_base_seconds, r.cooldown_max_seconds))
+            name: UpstreamClient(u, Breaker(r.cooldown_after_failures, r.cooldown_base_seconds, r.cooldown_max_seconds), r)
             for name, u in catalog.upstreams.items()
         }
         for u in catalog.upstreams.values():
@@ -65,6 +66,8 @@ class Proxy:
         self._events: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
         self.dropped_events = 0
         self.streams: set[Any] = set()
+        # interrupts handlers waiting on an upstream when their client left (or at shutdown)
+        self.watcher = CallWatcher(config.server.disconnect_check_seconds)
         self.started_at = time.time()
 
     def estimate_input_tokens(self, body_bytes: int) -> int:
@@ -154,8 +157,12 @@ class Proxy:
         return upstream_response
 
     async def end_streams(self) -> None:
-        """After the grace period: close every upstream stream still open; each
-        handler then sends its protocol's in-stream error and ends."""
+        """After the grace period: interrupt every request still being served;
+        a stream gets its protocol's in-stream error event and ends, a request
+        still waiting for its first byte gets a 503.  Upstream streams left
+        over are closed."""
+        self.watcher.interrupt_all()
+        await asyncio.sleep(0)  # let the interrupted handlers write their error events
         for resp in list(self.streams):
             resp.close()
         deadline = time.monotonic() + 5
@@ -200,6 +207,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await proxy.watcher.close()
         for c in proxy.clients.values():
             await c.close()
         await proxy.billing.close()

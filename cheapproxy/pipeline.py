@@ -3,7 +3,8 @@ rate limit -> hold -> dispatch (relay or translate, with fallbacks) -> settle.
 
 Settlement runs on a task tracked by the app (never only in a handler that a
 disconnect or shutdown could cancel), so every hold is settled or released
-exactly once.
+exactly once.  Streaming itself lives in relay.py; timeouts, the pool and the
+breaker in upstream.py; the rules are written up in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import structlog
 from aiohttp import web
 
 from . import ir
-from .app_keys import REQUEST_ID_KEY
+from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
 from .errors import ProxyError, UpstreamError
 from .events import CallFinished, RequestRejected, UpstreamFailed
 from .protocol import EncodeContext, Inbound, Protocol, Route
-from .sse import SSE_HEADERS
+from .relay import ClientGone, ProviderEvents, UpstreamEvents, emit_events, interrupted_error, relay_stream
 from .storage.base import KeyRecord, UsageRecord
-from .upstream import UpstreamClient, backoff_delay, is_read_error, read_error
-from .validate import parse_body, requested_max_tokens
+from .upstream import UpstreamClient, UpstreamResponse, backoff_delay, counts_against, unsafe_text
+from .validate import check_routing_fields, parse_body, requested_choices, requested_max_tokens
+from .watch import absorb
 
 if TYPE_CHECKING:
     from .app import Proxy
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cheapproxy.pipeline")
 
 MAX_TOKENS_CEILING = 10_000_000
+HOLD_TOKENS_CEILING = 10**9  # pricing.MAX_TOKENS: n * max_tokens saturates here
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -52,45 +55,26 @@ class Call:
     stream: bool = False
     upstream: str | None = None
     usage: ir.Usage | None = None
+    usage_complete: bool = False  # the upstream's end marker (with its final usage) went by
     output_chars: int = 0
     ttft: float | None = None
-    status: str = "ok"
+    status: str = "ok"  # ok | error | incomplete | cancelled
     http_status: int = 200
+    error: str | None = None
+    error_kind: str | None = None  # kind of the error that ended the call (breaker bookkeeping)
     response_started: bool = False
     hold: Any = None
     cost: Any = None
     body_bytes: int = 0
     ir_request: ir.Request | None = None
     attempts: int = 0
+    deadline: float | None = None  # loop time: the end of the budget for all attempts
+    interrupt: str | None = None  # set by the CallWatcher before it cancels the handler
+    interrupt_absorbed: bool = False
 
-
-class UsageTracker:
-    """Reads usage and counts output from IR events without building a
-    Response (cheap per event)."""
-
-    __slots__ = ("usage", "chars", "stop", "error")
-
-    def __init__(self) -> None:
-        self.usage: ir.Usage | None = None
-        self.chars = 0
-        self.stop: ir.MessageStop | None = None
-        self.error: ir.StreamError | None = None
-
-    def see(self, ev: ir.StreamEvent) -> None:
-        t = ev.type
-        if t == "text_delta" or t == "reasoning_delta":
-            self.chars += len(ev.text)  # type: ignore[union-attr]
-        elif t == "tool_call_delta":
-            self.chars += len(ev.arguments)  # type: ignore[union-attr]
-        elif t == "usage" or t == "message_start":
-            if ev.usage is not None:  # type: ignore[union-attr]
-                self.usage = ir.merge_usage(self.usage, ev.usage)  # type: ignore[union-attr]
-        elif t == "message_stop":
-            self.stop = ev  # type: ignore[assignment]
-            if ev.usage is not None:  # type: ignore[union-attr]
-                self.usage = ir.merge_usage(self.usage, ev.usage)  # type: ignore[union-attr]
-        elif t == "error":
-            self.error = ev  # type: ignore[assignment]
+    def new_attempt(self) -> None:
+        """What a failed attempt read is never billed: only the one that served."""
+        self.usage, self.usage_complete, self.output_chars = None, False, 0
 
 
 def error_response(protocol: Protocol, err: ProxyError, request_id: str) -> web.Response:
@@ -106,12 +90,24 @@ async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Re
     structlog.contextvars.bind_contextvars(request_id=call.request_id)
     try:
         return await _serve(proxy, call, request)
+    except ClientGone as gone:
+        call.status, call.http_status, call.error = "cancelled", 499, gone.message
+        return web.Response(status=499)  # nobody is listening; aiohttp drops it
     except ProxyError as err:
-        call.status, call.http_status = "error", err.status
+        call.status, call.http_status, call.error = "error", err.status, err.message
         if call.hold is None:
             proxy.emit(RequestRejected(protocol=protocol.name, http_status=err.status, kind=err.kind))
         if call.response_started:
             raise  # already handled in-stream; nothing more can be sent
+        return error_response(protocol, err, call.request_id)
+    except Exception:
+        # a bug (ours or a plugin's) costs this request, never the worker; the
+        # client still gets its protocol's error shape
+        log.exception("request.crashed")
+        call.status, call.http_status = "error", 500
+        if call.response_started:
+            raise
+        err = ProxyError("internal", f"The gateway failed to handle this request (request id {call.request_id}).")
         return error_response(protocol, err, call.request_id)
     finally:
         _log_call(call)
@@ -128,6 +124,8 @@ def _log_call(call: Call) -> None:
         stream=call.stream,
         status=call.http_status,
         outcome=call.status,
+        attempts=call.attempts,
+        error=call.error,
         latency_ms=round((time.perf_counter() - call.started) * 1000, 2),
     )
 
@@ -139,6 +137,7 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
     call.body_bytes = len(raw)
     body = parse_body(raw)
     call.key = key = await authenticate(request, proxy.keys)
+    check_routing_fields(body)
     model_name, stream = call.protocol.inspect(call.route, body, dict(request.match_info), dict(request.query))
     model = proxy.catalog.resolve(model_name) if isinstance(model_name, str) else None
     if model is None:
@@ -150,8 +149,11 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
     want_kind = "embedding" if op == "embeddings" else "chat"
     if model.config.kind != want_kind:
         raise ProxyError("invalid_request", f"Model '{model.name}' is a {model.config.kind} model and cannot serve {op}.", param="model")
+    # only the protocol's allowlist (e.g. anthropic-beta) may reach an upstream header
     fwd = call.protocol.forward_headers
     headers = {k: request.headers[k] for k in fwd if k in request.headers} if fwd else {}
+    if any(unsafe_text(v) for v in headers.values()):
+        raise ProxyError("invalid_request", "A forwarded header contains CR, LF or NUL.")
     call.inbound = inbound = Inbound(
         model=model_name, stream=stream, operation=op, body=body,
         match_info=dict(request.match_info), query=dict(request.query), headers=headers,
@@ -164,12 +166,21 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body: 413 over ``limit``, 408 when it does not arrive within
+    ``[server] body_timeout_seconds`` (slow-body clients)."""
     if request.content_length is not None and request.content_length > limit:
         raise ProxyError("payload_too_large", f"Request body is larger than the limit of {limit} bytes.")
+    proxy = request.app.get(PROXY_KEY)
+    timeout = proxy.config.server.body_timeout_seconds if proxy is not None else 30.0
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ProxyError("payload_too_large", f"Request body is larger than the limit of {limit} bytes.") from None
+    except TimeoutError:
+        raise ProxyError("invalid_request", f"The request body did not arrive within {timeout:g}s.", status=408) from None
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        raise ClientGone("the client left while sending its body") from None
 
 
 async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound) -> web.StreamResponse:
@@ -182,6 +193,8 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
         if asked is not None and (asked < 0 or asked > MAX_TOKENS_CEILING):
             raise ProxyError("invalid_request", f"max tokens must be between 0 and {MAX_TOKENS_CEILING}.", param="max_tokens")
         max_out = min(asked, model.config.max_output_tokens) if asked else model.config.max_output_tokens
+        # n answers cost n times the output: the hold covers all of them
+        max_out = min(max_out * requested_choices(inbound.body), HOLD_TOKENS_CEILING)
     call.hold = await proxy.billing.reserve(
         request_id=call.request_id, user_id=call.key.user_id, key=call.key, scheme=model.scheme,
         input_tokens_estimate=proxy.estimate_input_tokens(call.body_bytes), max_output_tokens=max_out,
@@ -191,7 +204,9 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
         response = await dispatch(proxy, call, request, inbound)
         return response
     except BaseException as exc:
-        if isinstance(exc, ProxyError):
+        if isinstance(exc, ClientGone):
+            call.status, call.http_status = "cancelled", 499
+        elif isinstance(exc, ProxyError):
             call.status, call.http_status = "error", exc.status
         elif isinstance(exc, asyncio.CancelledError):
             call.status = "cancelled"
@@ -209,15 +224,40 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
             response.headers["x-cheapproxy-cost"] = str(call.cost)
 
 
+def billable_usage(call: Call) -> tuple[ir.Usage | None, str]:
+    """The usage to charge and its source (docs/reliability.md, "billing").
+
+    * nothing reached the client (an error or a disconnect before the first
+      byte): nothing is charged;
+    * a complete answer: the upstream's usage (a local estimate only when it
+      reported none);
+    * a stream that ended early (upstream cut, stall, client gone, shutdown):
+      what was streamed: the upstream's counts so far, each raised to the local
+      estimate (prompt: ceil(body bytes / 4), output: ceil(characters / 4)).
+    """
+    usage = call.usage
+    delivered = call.response_started or call.status == "ok"
+    if not delivered:
+        return None, "upstream"
+    estimate = ir.Usage(input_tokens=max(1, (call.body_bytes + 3) // 4), output_tokens=(call.output_chars + 3) // 4)
+    partial = call.response_started and call.status in ("incomplete", "cancelled") and not call.usage_complete
+    if usage is None or usage.is_zero():
+        if call.output_chars or call.response_started:
+            return estimate, "estimated"
+        return usage, "upstream"
+    if partial:
+        raised = attrs.evolve(
+            usage,
+            input_tokens=usage.input_tokens or (0 if usage.total_input_tokens else estimate.input_tokens),
+            output_tokens=max(usage.output_tokens, estimate.output_tokens),
+        )
+        return raised, ("upstream" if raised == usage else "estimated")
+    return usage, "upstream"
+
+
 async def finish_billing(proxy: Proxy, call: Call) -> None:
     assert call.model is not None and call.key is not None
-    usage = call.usage
-    source = "upstream"
-    if (usage is None or usage.is_zero()) and (call.output_chars or call.response_started):
-        # the upstream reported no usage (cut stream, disconnect): the documented
-        # local count, ceil(bytes / 4) of the request body and of the output seen
-        usage = ir.Usage(input_tokens=max(1, (call.body_bytes + 3) // 4), output_tokens=(call.output_chars + 3) // 4)
-        source = "estimated"
+    usage, source = billable_usage(call)
     elapsed = time.perf_counter() - call.started
     record = UsageRecord(
         request_id=call.request_id, user_id=call.key.user_id, key_id=call.key.id, model=call.model.name,
@@ -232,7 +272,7 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
         record.cache_write_tokens = usage.cache_write_tokens
         record.reasoning_tokens = usage.reasoning_tokens
     try:
-        if usage is not None and not usage.is_zero() and (call.status != "error" or call.response_started or call.output_chars):
+        if usage is not None and not usage.is_zero():
             call.cost = await proxy.billing.settle(call.hold, scheme=call.model.scheme, usage=usage, record=record)
             proxy.ratelimiter.add_tokens(call.key.id, usage.total_input_tokens + usage.output_tokens)
         else:
@@ -259,45 +299,81 @@ def _order(proxy: Proxy, model: Model) -> list[UpstreamClient]:
         weights = [c.upstream.config.weight for c in ready]
         if len(set(weights)) > 1:
             ready = proxy.weighted_order(ready)
-    # at least one route is always tried, even when all are cooling down
-    return ready or [min(clients, key=lambda c: c.breaker.until)]
+    # at least one route is always tried: when every upstream is cooling down,
+    # all of them, soonest readmitted first (Envoy's panic routing)
+    return ready or sorted(clients, key=lambda c: c.breaker.until)
 
 
 async def dispatch(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound) -> web.StreamResponse:
+    """Attempts with fallback and retry, while the watcher may interrupt the
+    wait if the client leaves or the gateway shuts down."""
+    with proxy.watcher.watching(request, call):
+        try:
+            return await _attempts(proxy, call, request, inbound)
+        except asyncio.CancelledError:
+            reason = absorb(call)
+            if reason is None:
+                raise
+            raise interrupted_error(reason) from None
+
+
+async def _attempts(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound) -> web.StreamResponse:
+    """Before the first byte reached the client: connection errors, timeouts,
+    429 and 5xx go to the next upstream in order, then round again (after a
+    jittered back-off or the upstream's Retry-After), within
+    ``[routing] deadline_seconds``, ``retries`` and each upstream's retry
+    budget.  After the first byte nothing is retried."""
     assert call.model is not None
     order = _order(proxy, call.model)
     routing = proxy.config.routing
-    deadline = time.monotonic() + routing.deadline_seconds
-    max_attempts = len(order) + routing.retries
-    last: ProxyError | None = None
+    loop = asyncio.get_running_loop()
+    call.deadline = loop.time() + routing.deadline_seconds
+    n = len(order)
+    max_attempts = n + routing.retries
+    last: UpstreamError | None = None
+    round_wait: float | None = None  # the longest Retry-After heard in this round
     for attempt in range(max_attempts):
-        client = order[attempt % len(order)]
-        call.upstream = client.name
-        call.attempts = attempt + 1
+        client = order[attempt % n]
+        if attempt < n:
+            client.budget.deposit()
+        elif not client.budget.withdraw():
+            log.warning("upstream.retry_budget_exhausted", upstream=client.name)
+            break
+        call.upstream, call.attempts = client.name, attempt + 1
+        call.new_attempt()
         try:
             resp = await attempt_one(proxy, call, request, inbound, client)
-            client.breaker.success()
+            if call.status == "incomplete" and (call.error_kind or "").startswith("upstream_"):
+                _fail(proxy, client)  # served, then cut or stalled mid-stream: still a sign of trouble
+            else:
+                client.breaker.success()
             return resp
         except UpstreamError as err:
             last = err
             proxy.emit(UpstreamFailed(upstream=client.name, model=call.model.name, kind=err.kind,
                                       upstream_status=err.upstream_status))
+            if counts_against(err):
+                _fail(proxy, client)
             if call.response_started or not err.retryable:
-                if not err.retryable and err.upstream_status and err.upstream_status < 500:
-                    pass  # the upstream rejected the request itself: not the upstream's fault
-                else:
-                    _fail(proxy, client)
                 raise
-            _fail(proxy, client)
-            delay = backoff_delay(attempt // max(1, len(order)), err.retry_after if attempt + 1 >= len(order) else None)
-            if attempt + 1 >= max_attempts or time.monotonic() + delay >= deadline:
-                break
-            if attempt + 1 >= len(order) and delay:
+            if err.retry_after is not None:
+                round_wait = max(round_wait or 0.0, err.retry_after)
+        nxt = attempt + 1
+        if nxt >= max_attempts:
+            break
+        if nxt % n == 0:  # a whole round failed: wait before going round again
+            delay = backoff_delay(nxt // n - 1, round_wait)
+            round_wait = None
+            if delay > routing.retry_after_max_seconds or loop.time() + delay >= call.deadline:
+                break  # the client gets the error (with Retry-After) rather than a longer wait
+            if delay:
                 await asyncio.sleep(delay)
+        if loop.time() >= call.deadline:
+            break
     assert last is not None
-    if last.kind in ("upstream_failed",) and len(order) > 1:
+    if last.kind == "upstream_failed" and n > 1:
         last = UpstreamError("upstream_failed", f"every upstream for model '{call.model.name}' failed; last: {last.message}",
-                             upstream_status=getattr(last, "upstream_status", None))
+                             upstream_status=last.upstream_status)
     raise last
 
 
@@ -313,15 +389,36 @@ def _ctx(call: Call, ir_request: ir.Request | None) -> EncodeContext:
                          request=ir_request, inbound=call.inbound)
 
 
+async def _read_body(resp: UpstreamResponse) -> bytes:
+    """A non-streamed answer: nothing reached the client yet, so even a cut in
+    the middle of the body may be retried."""
+    try:
+        return await resp.read_all()
+    except UpstreamError as err:
+        err.retryable = True
+        raise
+    finally:
+        resp.release()
+
+
+def _decode(fn: Any, *args: Any) -> Any:
+    """An upstream's unreadable body is the upstream's failure (502), not ours."""
+    try:
+        return fn(*args)
+    except ProxyError:
+        raise
+    except Exception:  # noqa: BLE001
+        log.warning("upstream.malformed_response", exc_info=True)
+        raise UpstreamError("upstream_failed", "the upstream sent a response that could not be read", retryable=True) from None
+
+
 async def attempt_one(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound, client: UpstreamClient) -> web.StreamResponse:
     assert call.model is not None
     up = client.upstream
     upstream_model = call.model.config.sent_name
-    op = inbound.operation
-    same = up.protocol is not None and up.protocol.name == call.protocol.name
-    if op == "embeddings":
-        return await _embeddings(proxy, call, inbound, client, upstream_model)
-    if same:
+    if inbound.operation == "embeddings":
+        return await _embeddings(call, inbound, client, upstream_model)
+    if up.protocol is not None and up.protocol.name == call.protocol.name:
         return await _relay(proxy, call, request, inbound, client, upstream_model)
     if call.ir_request is None:
         call.ir_request = call.protocol.decode_request(inbound)
@@ -332,240 +429,50 @@ async def attempt_one(proxy: Proxy, call: Call, request: web.Request, inbound: I
             call.ir_request.max_tokens = limit
     ir_req = call.ir_request
     ctx = _ctx(call, ir_req)
+    cfg = up.config
     if up.protocol is None:
-        events = up.provider.generate(ir_req, upstream_model)
-        return await _emit_events(call, request, ctx, events, None)
+        source: Any = ProviderEvents(up.provider.generate(ir_req, upstream_model), cfg.first_byte_timeout,
+                                     cfg.idle_timeout, client.name)
+        return await emit_events(proxy, call, request, ctx, source)
     ureq = up.protocol.encode_request(ir_req, upstream_model, stream=inbound.stream)
-    resp = await client.send(ureq)
+    resp = await client.send(ureq, deadline=call.deadline)
     if not inbound.stream:
-        try:
-            body = await resp.read()
-        except Exception as exc:  # noqa: BLE001
-            if is_read_error(exc):
-                raise read_error(exc, client.name) from None
-            raise
-        finally:
-            resp.release()
-        answer = up.protocol.decode_response(body)
-        call.usage = answer.usage
+        answer = _decode(up.protocol.decode_response, await _read_body(resp))
+        call.usage, call.usage_complete = answer.usage, True
         answer.model = inbound.model
         out = call.protocol.encode_response(answer, ctx)
         return web.Response(body=out, content_type="application/json")
-    decoder = up.protocol.stream_decoder()
     proxy.register_stream(resp)
     try:
-        return await _emit_events(call, request, ctx, _decode_stream(client, resp, decoder), resp)
+        return await emit_events(proxy, call, request, ctx, UpstreamEvents(resp, up.protocol.stream_decoder()))
     finally:
         proxy.streams.discard(resp)
 
 
-async def _decode_stream(client: UpstreamClient, resp: aiohttp.ClientResponse, decoder: Any):  # type: ignore[no-untyped-def]
-    first = True
-    try:
-        while True:
-            try:
-                chunk = await (client.read_first(resp) if first else resp.content.readany())
-            except UpstreamError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                if is_read_error(exc):
-                    err = read_error(exc, client.name)
-                    yield ir.StreamError(message=err.message, kind=err.kind, status=err.status)
-                    return
-                raise
-            first = False
-            if not chunk:
-                for ev in decoder.close():
-                    yield ev
-                return
-            for ev in decoder.feed(chunk):
-                yield ev
-    finally:
-        resp.release()
-
-
-async def _emit_events(call: Call, request: web.Request, ctx: EncodeContext, events: Any, upstream_resp: Any) -> web.StreamResponse:
-    """Drive an IR event stream to the client (streamed or collected)."""
-    tracker = UsageTracker()
-    if not call.inbound or not call.inbound.stream:
-        acc = ir.ResponseAccumulator()
-        async for ev in events:
-            tracker.see(ev)
-            acc.feed(ev)
-        call.usage, call.output_chars = tracker.usage, tracker.chars
-        if acc.error is not None:
-            raise UpstreamError(acc.error.kind, acc.error.message, status=acc.error.status, retryable=not tracker.chars)
-        answer = acc.response()
-        answer.model = ctx.model
-        return web.Response(body=call.protocol.encode_response(answer, ctx), content_type="application/json")
-    encoder = call.protocol.stream_encoder(ctx)
-    resp: web.StreamResponse | None = None
-    try:
-        async for ev in events:
-            tracker.see(ev)
-            if ev.type == "error":
-                err = ProxyError(ev.kind, ev.message, status=ev.status)
-                if resp is None:
-                    raise UpstreamError(ev.kind, ev.message, status=ev.status, retryable=True)
-                call.status, call.http_status = "incomplete", ev.status
-                await _write(resp, encoder.error(err))
-                break
-            data = encoder.encode(ev)
-            if not data:
-                continue
-            if resp is None:
-                resp = await _start_stream(call, request, encoder.content_type)
-                pre = encoder.start()
-                if pre:
-                    data = pre + data
-            await _write(resp, data)
-        else:
-            if resp is None:
-                resp = await _start_stream(call, request, encoder.content_type)
-                await _write(resp, encoder.start())
-            await _write(resp, encoder.close())
-        await resp.write_eof()
-    except ClientGone:
-        call.status = "cancelled"
-    finally:
-        call.usage, call.output_chars = tracker.usage, tracker.chars
-        if hasattr(events, "aclose"):
-            await events.aclose()
-    assert resp is not None
-    return resp
-
-
-class ClientGone(Exception):
-    """The client disconnected while we were writing."""
-
-
-async def _write(resp: web.StreamResponse, data: bytes) -> None:
-    if not data:
-        return
-    try:
-        await resp.write(data)
-    except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
-        raise ClientGone() from exc
-
-
-async def _start_stream(call: Call, request: web.Request, content_type: str) -> web.StreamResponse:
-    headers = dict(SSE_HEADERS)
-    headers["Content-Type"] = content_type
-    resp = web.StreamResponse(status=200, headers=headers)
-    call.response_started = True
-    call.ttft = time.perf_counter() - call.started
-    try:
-        await resp.prepare(request)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone() from exc
-    return resp
-
-
-async def _relay(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound, client: UpstreamClient, upstream_model: str) -> web.StreamResponse:
+async def _relay(proxy: Proxy, call: Call, request: web.Request, inbound: Inbound, client: UpstreamClient,
+                 upstream_model: str) -> web.StreamResponse:
     """Same protocol: body as-is except the model; SSE passed chunk by chunk."""
     proto = call.protocol
-    ureq = proto.passthrough_request(inbound, upstream_model)
-    resp = await client.send(ureq)
+    resp = await client.send(proto.passthrough_request(inbound, upstream_model), deadline=call.deadline)
     if not inbound.stream:
-        try:
-            body = await resp.read()
-        except Exception as exc:  # noqa: BLE001
-            if is_read_error(exc):
-                raise read_error(exc, client.name) from None
-            raise
-        finally:
-            resp.release()
-        call.usage = proto.usage_from_body(body)
+        body = await _read_body(resp)
+        call.usage, call.usage_complete = _decode(proto.usage_from_body, body), True
+        call.output_chars = len(body)
         ctype = resp.headers.get("Content-Type", "application/json")
         return web.Response(body=body, headers={"Content-Type": ctype})
-    tap = proto.passthrough(inbound, stream=True)
-    out: web.StreamResponse | None = None
-    proxy.register_stream(resp)
-    try:
-        first = True
-        while True:
-            try:
-                chunk = await (client.read_first(resp) if first else resp.content.readany())
-            except UpstreamError:
-                if out is None:
-                    raise
-                chunk = None
-                err = UpstreamError("upstream_timeout", f"upstream {client.name!r} stalled")
-            except Exception as exc:  # noqa: BLE001
-                if not is_read_error(exc):
-                    raise
-                err = read_error(exc, client.name)
-                if out is None:
-                    err.retryable = True
-                    raise err from None
-                chunk = None
-            if chunk is None:
-                call.status, call.http_status = "incomplete", err.status
-                await _write(out, proto.stream_encoder(_ctx(call, None)).error(err))
-                break
-            first = False
-            if not chunk:
-                tail = tap.close()
-                if out is None:
-                    out = await _start_stream(call, request, resp.headers.get("Content-Type", "text/event-stream"))
-                if tail:
-                    await _write(out, tail)
-                if not tap.complete and not tap.error_message:
-                    call.status, call.http_status = "incomplete", 502
-                    err = UpstreamError("upstream_failed", f"upstream {client.name!r} closed the stream before it was complete")
-                    await _write(out, proto.stream_encoder(_ctx(call, None)).error(err))
-                break
-            data = tap.feed(chunk)
-            if out is None:
-                out = await _start_stream(call, request, resp.headers.get("Content-Type", "text/event-stream"))
-            if data:
-                await _write(out, data)
-        await out.write_eof()
-    except ClientGone:
-        call.status = "cancelled"
-        await _drain(proxy, client, resp, tap)
-    finally:
-        call.usage = tap.usage
-        call.output_chars = max(call.output_chars, 1 if tap.output_seen else 0)
-        if tap.error_message and call.status == "ok":
-            call.status = "incomplete"
-        proxy.streams.discard(resp)
-        resp.release()
-    assert out is not None
-    return out
+    return await relay_stream(proxy, call, request, resp, proto.passthrough(inbound, stream=True), _ctx(call, None))
 
 
-async def _drain(proxy: Proxy, client: UpstreamClient, resp: aiohttp.ClientResponse, tap: Any) -> None:
-    """After a client disconnect, read on (bounded by [server] drain_seconds)
-    only to learn the upstream's usage, then close the upstream connection."""
-    limit = proxy.config.server.drain_seconds
-    if limit <= 0:
-        return
-    try:
-        async with asyncio.timeout(limit):
-            while not tap.complete:
-                chunk = await resp.content.readany()
-                if not chunk:
-                    break
-                tap.feed(chunk)
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-
-
-async def _embeddings(proxy: Proxy, call: Call, inbound: Inbound, client: UpstreamClient, upstream_model: str) -> web.StreamResponse:
+async def _embeddings(call: Call, inbound: Inbound, client: UpstreamClient, upstream_model: str) -> web.StreamResponse:
     up = client.upstream
     ereq = call.protocol.decode_embeddings_request(inbound)
     ctx = _ctx(call, None)
     if up.protocol is None:
         result = await up.provider.embed(ereq, upstream_model)
     else:
-        resp = await client.send(up.protocol.encode_embeddings_request(ereq, upstream_model))
-        try:
-            body = await resp.read()
-        finally:
-            resp.release()
-        result = up.protocol.decode_embeddings_response(body)
-    call.usage = result.usage
+        resp = await client.send(up.protocol.encode_embeddings_request(ereq, upstream_model), deadline=call.deadline)
+        result = _decode(up.protocol.decode_embeddings_response, await _read_body(resp))
+    call.usage, call.usage_complete = result.usage, True
     result.model = inbound.model
     return web.Response(body=call.protocol.encode_embeddings_response(result, ctx), content_type="application/json")
 
@@ -576,6 +483,7 @@ async def count_tokens(proxy: Proxy, call: Call) -> web.StreamResponse:
     assert call.model is not None and call.inbound is not None
     ir_req = call.protocol.decode_request(call.inbound)
     ctx = _ctx(call, ir_req)
+    deadline = asyncio.get_running_loop().time() + proxy.config.routing.deadline_seconds
     for u in call.model.upstreams:
         client = proxy.clients[u.name]
         if u.protocol is None:
@@ -589,12 +497,8 @@ async def count_tokens(proxy: Proxy, call: Call) -> web.StreamResponse:
             continue
         call.upstream = u.name
         try:
-            resp = await client.send(ureq)
-            try:
-                body = await resp.read()
-            finally:
-                resp.release()
-            n = u.protocol.decode_count_tokens_response(body)
+            resp = await client.send(ureq, deadline=deadline)
+            n = _decode(u.protocol.decode_count_tokens_response, await _read_body(resp))
             return web.Response(body=call.protocol.encode_count_tokens(n, ctx), content_type="application/json")
         except UpstreamError as err:
             if not err.retryable:

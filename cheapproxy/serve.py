@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import attrs
+import structlog
 from aiohttp import web
 
 from .app import make_app, open_storage
@@ -19,6 +20,12 @@ from .app_keys import PROXY_KEY
 from .config import Config
 from .logging import configure
 from .registry import Registry
+
+log = structlog.get_logger("cheapproxy.serve")
+
+# after the grace period and the stream errors: how long aiohttp may take to
+# close what is left (keep-alive connections, handlers that ignore the end)
+CLOSE_SECONDS = 5.0
 
 
 async def bootstrap(config: Config, registry: Registry) -> str | None:
@@ -50,30 +57,62 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    """The AppRunner with the production settings (the gateway test fixture
+    uses it too):
+
+    * ``handler_cancellation=False``: a disconnect never cancels a handler in
+      the middle of billing; the CallWatcher interrupts only the upstream wait;
+    * ``keepalive_timeout = [server] header_timeout_seconds``: aiohttp starts
+      this timer when a connection opens (and after each response) and does
+      not restart it while header bytes trickle in, so it is the deadline for
+      a complete request head (slowloris) as well as the idle keep-alive limit;
+    * request line and each header at most 8190 bytes, at most 128 headers
+      (aiohttp answers 400 beyond them)."""
+    s = config.server
+    return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=CLOSE_SECONDS,
+                         handler_cancellation=False, keepalive_timeout=s.header_timeout_seconds,
+                         max_line_size=8190, max_field_size=8190, max_headers=128)
+
+
+async def drain(proxy: Any, grace: float, again: asyncio.Event | None = None) -> None:
+    """SIGTERM: /health reports draining and new requests get 503 at once;
+    in-flight requests get ``grace`` seconds (a second signal cuts it short);
+    then every request still running is interrupted (streams end with their
+    protocol's error event)."""
+    proxy.draining = True
+    log.info("shutdown.draining", in_flight=proxy.inflight, grace_seconds=grace)
+    deadline = time.monotonic() + grace
+    while proxy.inflight and time.monotonic() < deadline and not (again is not None and again.is_set()):
+        await asyncio.sleep(0.05)
+    if proxy.inflight:
+        log.warning("shutdown.ending_requests", in_flight=proxy.inflight)
+    await proxy.end_streams()
+
+
 async def serve_forever(config: Config, registry: Registry, host: str, port: int, *, reuse_port: bool = False,
                         announce: bool = True) -> None:
     app = make_app(config, registry)
     proxy = app[PROXY_KEY]
     grace = config.server.shutdown_grace_seconds
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace,
-                           handler_cancellation=False)
+    runner = make_runner(app, config)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
     await site.start()
     if announce:
         print(f"cheapproxy listening on http://{host}:{port}  (models: {', '.join(proxy.catalog.models)})", flush=True)
-    stop = asyncio.Event()
+    stop, again = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (again if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     await stop.wait()
-    # drain: /health says draining and new requests get 503 while in-flight ones finish
-    proxy.draining = True
-    deadline = time.monotonic() + grace
-    while proxy.inflight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    await proxy.end_streams()
-    await runner.cleanup()
+    await drain(proxy, grace, again)
+    await runner.cleanup()  # stops listening, closes connections, runs the app cleanup (settlements flushed)
+    log.info("shutdown.done")
 
 
 def _worker(config: Config, host: str, port: int) -> None:
@@ -116,4 +155,4 @@ def run(config: Config, registry: Registry, *, host: str | None, port: int | Non
     sys.exit(code)
 
 
-__all__ = ["run", "serve_forever", "bootstrap", "attrs"]
+__all__ = ["run", "serve_forever", "bootstrap", "make_runner", "drain", "attrs"]

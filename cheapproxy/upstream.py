@@ -1,6 +1,16 @@
-"""Outbound HTTP: one shared ClientSession per upstream, timeouts that suit
-streams (connect, first byte, idle gap; never a total timeout), a circuit
-breaker, and error mapping that never leaks the upstream credential."""
+"""Outbound HTTP: one shared ClientSession per upstream, a bounded connection
+pool, timeouts that suit streams, a circuit breaker, a retry budget, and error
+mapping that never leaks the upstream credential.
+
+Timeouts (seconds, per upstream):
+
+* ``connect_timeout``: DNS + TCP (+ TLS) connect.
+* ``first_byte_timeout``: from sending the request to the first *body* chunk
+  (response headers and first chunk share one budget: an upstream that sends
+  headers and then thinks for a minute is the common stall).
+* ``idle_timeout``: the longest gap between two body chunks, measured at each
+  read.  There is no total timeout: a healthy stream may run for an hour.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +21,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
+from multidict import CIMultiDictProxy
 
 from .catalog import Upstream
-from .errors import UpstreamError, kind_for_upstream_status
+from .errors import ProxyError, UpstreamError, kind_for_upstream_status
 from .protocol import UpstreamRequest
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_RESPONSE_BYTES = 64 * 2**20  # a non-streamed answer larger than this is refused (502)
+_UNSAFE = ("\r", "\n", "\x00")
 
 
 def scrub(text: str, secrets_: list[str]) -> str:
@@ -27,55 +40,203 @@ def scrub(text: str, secrets_: list[str]) -> str:
 
 
 def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds only; an HTTP date is
+    ignored rather than trusted)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return min(max(0.0, seconds), 86400.0)
+
+
+def unsafe_text(value: str) -> bool:
+    """True when ``value`` holds CR, LF or NUL (header / URL injection)."""
+    return any(c in value for c in _UNSAFE)
+
+
+def check_outbound(ureq: UpstreamRequest) -> None:
+    """Refuse a request whose headers, path or query carry CR/LF/NUL: nothing a
+    client sent may split an upstream header (GHSA-2vrm-gr82-f7m5 style)."""
+    parts = [ureq.path, *ureq.headers.keys(), *ureq.headers.values(), *ureq.query.keys(), *ureq.query.values()]
+    if any(unsafe_text(str(p)) for p in parts):
+        raise ProxyError("invalid_request", "A value that would reach an upstream header or URL contains CR, LF or NUL; "
+                         "remove control characters from headers and names.")
 
 
 class Breaker:
     """Consecutive-failure circuit breaker with growing cool-down (Envoy's
     outlier ejection): after ``threshold`` failures in a row the upstream is
-    skipped for base * 2**(ejections-1) seconds (capped), then readmitted;
-    one success resets it."""
+    skipped for base * 2**(ejections-1) seconds (capped), then readmitted on
+    probation: the first failure ejects it again (longer), one success closes
+    the breaker and resets the back-off.  Failures reported while it is
+    already cooling down (requests that were in flight) are not counted."""
 
     def __init__(self, threshold: int, base: float, cap: float) -> None:
-        self.threshold, self.base, self.cap = threshold, base, cap
+        self.threshold, self.base, self.cap = max(1, threshold), base, cap
         self.failures = 0
         self.ejections = 0
         self.until = 0.0
+        self.probation = False
 
     def available(self, now: float | None = None) -> bool:
-        return (now or time.monotonic()) >= self.until
+        return (time.monotonic() if now is None else now) >= self.until
 
     def success(self) -> None:
         self.failures = 0
         self.ejections = 0
         self.until = 0.0
+        self.probation = False
 
     def failure(self) -> bool:
         """Record a failure; True when this failure ejected the upstream."""
+        now = time.monotonic()
+        if now < self.until:
+            return False
         self.failures += 1
-        if self.failures >= self.threshold:
+        if self.probation or self.failures >= self.threshold:
             self.ejections += 1
             self.failures = 0
-            self.until = time.monotonic() + min(self.cap, self.base * 2 ** (self.ejections - 1))
+            self.probation = True
+            self.until = now + min(self.cap, self.base * 2 ** (self.ejections - 1))
             return True
         return False
+
+
+class RetryBudget:
+    """Finagle-style retry budget for one upstream: every request deposits
+    ``percent``/100 of a retry, every retry withdraws one, on top of a reserve
+    of ``minimum``.  Under a sustained failure the upstream sees at most about
+    (1 + percent/100) times the request rate, never a retry storm."""
+
+    def __init__(self, percent: float, minimum: int) -> None:
+        self.ratio = max(0.0, percent) / 100.0
+        self.cap = float(max(minimum, 1))
+        self.tokens = float(minimum)
+        self.refused = 0
+
+    def deposit(self) -> None:
+        self.tokens = min(self.cap, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.refused += 1
+        return False
+
+
+def counts_against(err: UpstreamError) -> bool:
+    """Does this failure say the upstream is unhealthy (breaker)?  Connection
+    errors, timeouts, 5xx and a refused gateway credential do; a 429, the
+    upstream rejecting the request (4xx) and our own full pool do not."""
+    if not err.kind.startswith("upstream_") or err.kind == "upstream_rejected":
+        return False
+    status = err.upstream_status
+    return status is None or status >= 500 or status in (401, 403)
+
+
+class UpstreamResponse:
+    """An upstream answer that holds one pool slot until released.  Reads are
+    bounded by the first-byte deadline, then by the idle timeout per chunk; a
+    stall or a cut raises UpstreamError (``retryable`` only before the first
+    chunk)."""
+
+    __slots__ = ("client", "raw", "first_deadline", "started", "_slot")
+
+    def __init__(self, client: UpstreamClient, raw: aiohttp.ClientResponse, first_deadline: float) -> None:
+        self.client = client
+        self.raw = raw
+        self.first_deadline = first_deadline
+        self.started = False  # a body chunk arrived
+        self._slot = True
+
+    @property
+    def status(self) -> int:
+        return self.raw.status
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.raw.headers
+
+    async def read_chunk(self) -> bytes:
+        """The next body chunk; b"" at the end of the body."""
+        name = self.client.name
+        cfg = self.client.upstream.config
+        try:
+            if not self.started:
+                async with asyncio.timeout_at(self.first_deadline):
+                    chunk = await self.raw.content.readany()
+            else:
+                async with asyncio.timeout(cfg.idle_timeout):
+                    chunk = await self.raw.content.readany()
+        except TimeoutError:
+            if self.started:
+                raise UpstreamError("upstream_timeout", f"upstream {name!r} stalled mid-stream: no data for "
+                                    f"{cfg.idle_timeout:g}s (idle_timeout)") from None
+            raise UpstreamError("upstream_timeout", f"upstream {name!r} sent no data within {cfg.first_byte_timeout:g}s "
+                                "(first_byte_timeout)", retryable=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            where = "mid-stream" if self.started else "before sending any data"
+            raise UpstreamError("upstream_failed", f"upstream {name!r} connection failed {where} ({type(exc).__name__})",
+                                retryable=not self.started) from None
+        self.started = True
+        return chunk
+
+    async def read_all(self, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+        """The whole (non-streamed) body, bounded in size and by the same timeouts."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await self.read_chunk()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamError("upstream_failed", f"upstream {self.client.name!r} sent a response larger than "
+                                    f"{limit} bytes")
+            parts.append(chunk)
+
+    def release(self) -> None:
+        """Done with the response: an unfinished body closes the connection."""
+        self.raw.release()
+        self._give_back()
+
+    def close(self) -> None:
+        """Close the connection now (shutdown, disconnect)."""
+        self.raw.close()
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.client.free_slot()
 
 
 class UpstreamClient:
     """Transport for one upstream."""
 
-    def __init__(self, upstream: Upstream, breaker: Breaker) -> None:
+    def __init__(self, upstream: Upstream, breaker: Breaker, routing: Any = None) -> None:
         self.upstream = upstream
         self.breaker = breaker
         cfg = upstream.config
         self.session: ClientSession | None = None
         self._secrets = [s for s in (cfg.api_key,) if s]
-        self.timeout = ClientTimeout(total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout, sock_read=cfg.idle_timeout)
+        self.pool_timeout = float(getattr(routing, "pool_timeout_seconds", 5.0))
+        self.budget = RetryBudget(float(getattr(routing, "retry_budget_percent", 20.0)),
+                                  int(getattr(routing, "retry_budget_min", 10)))
+        self.slots = asyncio.Semaphore(cfg.max_connections)
+        self.busy = 0  # pool slots in use (a leak shows here)
+        # connect bounds DNS + TCP (+ TLS); our own pool slots come first, so the
+        # connector never queues.  sock_read is only a backstop: the real first
+        # byte and idle limits are enforced at each read (a sock_read shorter
+        # than first_byte_timeout would cut a legitimately slow first token).
+        backstop = max(cfg.first_byte_timeout, cfg.idle_timeout) + 5.0
+        self.timeout = ClientTimeout(total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
+                                     sock_read=backstop)
 
     async def open(self) -> None:
         cfg = self.upstream.config
@@ -93,37 +254,86 @@ class UpstreamClient:
     def name(self) -> str:
         return self.upstream.config.name
 
+    @property
+    def connector(self) -> TCPConnector | None:
+        return self.session.connector if self.session is not None else None  # type: ignore[return-value]
+
     def url(self, path: str) -> str:
         return self.upstream.provider.url(path)
 
-    async def send(self, ureq: UpstreamRequest) -> aiohttp.ClientResponse:
-        """Send and wait for the response headers (bounded by first_byte_timeout).
-        Raises UpstreamError for connection failures, timeouts and error statuses."""
+    def free_slot(self) -> None:
+        self.busy -= 1
+        self.slots.release()
+
+    async def _acquire(self, deadline: float | None) -> None:
+        if not self.slots.locked():
+            await self.slots.acquire()  # free slot: no suspension, no timer
+            self.busy += 1
+            return
+        loop = asyncio.get_running_loop()
+        wait = self.pool_timeout if deadline is None else min(self.pool_timeout, max(0.0, deadline - loop.time()))
+        try:
+            async with asyncio.timeout(wait):
+                await self.slots.acquire()
+        except TimeoutError:
+            n = self.upstream.config.max_connections
+            raise UpstreamError("overloaded", f"all {n} connections to upstream {self.name!r} are busy; retry shortly",
+                                status=503, retry_after=1, retryable=True) from None
+        self.busy += 1
+
+    async def send(self, ureq: UpstreamRequest, *, deadline: float | None = None) -> UpstreamResponse:
+        """Send and wait for the response headers.  ``deadline`` (loop time) is
+        the request's overall budget; the first-byte budget never outlives it.
+        Raises UpstreamError for a full pool, connection failures, timeouts and
+        error statuses (the body of an error is read, bounded, and scrubbed)."""
         assert self.session is not None
+        check_outbound(ureq)
         provider = self.upstream.provider
         headers = {"Content-Type": "application/json", **ureq.headers, **provider.auth_headers()}
-        query = {**ureq.query, **provider.auth_query()} if (ureq.query or provider.auth_query()) else None
+        auth_query = provider.auth_query()
+        query = {**ureq.query, **auth_query} if (ureq.query or auth_query) else None
         cfg = self.upstream.config
+        loop = asyncio.get_running_loop()
+        await self._acquire(deadline)
         try:
-            async with asyncio.timeout(cfg.first_byte_timeout):
-                resp = await self.session.post(self.url(ureq.path), data=ureq.body, headers=headers, params=query)
-        except TimeoutError:
-            raise UpstreamError(
-                "upstream_timeout", f"upstream {self.name!r} did not answer within {cfg.first_byte_timeout:g}s",
-                upstream_status=None, retryable=True,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            msg = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
-            raise UpstreamError("upstream_failed", f"upstream {self.name!r} could not be reached ({msg})", retryable=True) from None
-        if resp.status >= 400:
+            first_deadline = loop.time() + cfg.first_byte_timeout
+            if deadline is not None:
+                first_deadline = min(first_deadline, deadline)
             try:
-                body = await resp.content.read(MAX_ERROR_BODY)
+                async with asyncio.timeout_at(first_deadline):
+                    # never follow a redirect: it would carry our credential headers
+                    # (x-api-key, x-goog-api-key) to wherever the Location points
+                    raw = await self.session.post(self.url(ureq.path), data=ureq.body, headers=headers, params=query,
+                                                  allow_redirects=False)
+            except aiohttp.ConnectionTimeoutError:
+                raise UpstreamError("upstream_timeout", f"upstream {self.name!r} could not be reached within "
+                                    f"{cfg.connect_timeout:g}s (connect_timeout)", retryable=True) from None
+            except TimeoutError:
+                raise UpstreamError("upstream_timeout", f"upstream {self.name!r} did not answer within "
+                                    f"{cfg.first_byte_timeout:g}s (first_byte_timeout)", retryable=True) from None
+            except (aiohttp.ClientError, OSError) as exc:
+                msg = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+                raise UpstreamError("upstream_failed", f"upstream {self.name!r} could not be reached ({msg})",
+                                    retryable=True) from None
+        except BaseException:
+            self.free_slot()
+            raise
+        if 300 <= raw.status < 400:
+            raw.release()
+            self.free_slot()
+            raise UpstreamError("upstream_failed", f"upstream {self.name!r} answered with a redirect (HTTP {raw.status}); "
+                                "redirects are not followed, check its base_url", upstream_status=raw.status, retryable=True)
+        if raw.status >= 400:
+            try:
+                async with asyncio.timeout(cfg.idle_timeout):
+                    body = await raw.content.read(MAX_ERROR_BODY)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 body = b""
             finally:
-                resp.release()
-            raise self.error_for(resp.status, body, resp.headers.get("Retry-After"))
-        return resp
+                raw.release()
+                self.free_slot()
+            raise self.error_for(raw.status, body, raw.headers.get("Retry-After"))
+        return UpstreamResponse(self, raw, first_deadline)
 
     def error_for(self, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
         proto = self.upstream.protocol
@@ -131,7 +341,7 @@ class UpstreamClient:
             detail = proto.decode_error(status, body) if proto else body[:300].decode("utf-8", "replace")
         except Exception:  # noqa: BLE001 - a malformed error body must not become a 500
             detail = ""
-        detail = scrub(detail, self._secrets)[:500]
+        detail = scrub(str(detail), self._secrets)[:500]
         if status in (401, 403) or (status == 400 and b"API_KEY_INVALID" in body):
             # the gateway's own credential was refused: never relay the body (it may echo the key)
             msg = f"upstream {self.name!r} refused the gateway's credentials (HTTP {status}); the operator must fix the upstream api_key"
@@ -144,35 +354,14 @@ class UpstreamClient:
             status=status_out, upstream_status=status, retry_after=parse_retry_after(retry_after), retryable=retryable,
         )
 
-    async def read_first(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The first body chunk, bounded by first_byte_timeout (headers can come
-        long before the first token)."""
-        cfg = self.upstream.config
-        try:
-            async with asyncio.timeout(cfg.first_byte_timeout):
-                return await resp.content.readany()
-        except TimeoutError:
-            raise UpstreamError(
-                "upstream_timeout", f"upstream {self.name!r} sent no data within {cfg.first_byte_timeout:g}s", retryable=True
-            ) from None
-
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
-    """Jittered exponential back-off (base 25 ms, Envoy's default); an upstream's
-    Retry-After wins when given."""
+    """Jittered exponential back-off (base 25 ms, Envoy's default, capped at
+    250 ms); an upstream's Retry-After wins when given."""
     if retry_after is not None:
         return retry_after
-    return random.uniform(0, 0.025 * 2**attempt)
+    return random.uniform(0, min(0.25, 0.025 * 2**attempt))
 
 
-def read_error(exc: BaseException, name: str) -> UpstreamError:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return UpstreamError("upstream_timeout", f"upstream {name!r} stalled mid-stream (idle timeout)")
-    return UpstreamError("upstream_failed", f"upstream {name!r} connection failed mid-stream ({type(exc).__name__})")
-
-
-def is_read_error(exc: BaseException) -> bool:
-    return isinstance(exc, (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError))
-
-
-__all__: list[Any] = ["UpstreamClient", "Breaker", "backoff_delay", "read_error", "is_read_error", "scrub"]
+__all__ = ["UpstreamClient", "UpstreamResponse", "Breaker", "RetryBudget", "backoff_delay", "scrub",
+           "check_outbound", "counts_against", "parse_retry_after", "unsafe_text"]

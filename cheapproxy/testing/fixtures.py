@@ -111,8 +111,26 @@ async def fake_upstream(aiohttp_server: Any) -> Callable[[str], Awaitable[FakeUp
     return start
 
 
+class ServedApp:
+    """An app served by ``serve.make_runner`` (the production AppRunner
+    settings: no handler cancellation, header deadline), on a free port."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    def make_url(self, path: str) -> str:
+        return self.url + path
+
+    async def close(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
 @pytest.fixture
-async def gateway(aiohttp_server: Any, tmp_path: Any) -> Callable[..., Awaitable[Gateway]]:
+async def gateway(aiohttp_server: Any, tmp_path: Any) -> Any:
     from cheapproxy.app import make_app
     from cheapproxy.app_keys import PROXY_KEY
     from cheapproxy.config import parse_config
@@ -121,10 +139,14 @@ async def gateway(aiohttp_server: Any, tmp_path: Any) -> Callable[..., Awaitable
     import tomllib
 
     counter = {"n": 0}
+    served: list[ServedApp] = []
 
     async def start(config_toml: str = "", *, balance: str = "10.00", user: str = "alice",
                     plugins: list[tuple[str, Any]] | None = None, server_kwargs: dict[str, Any] | None = None,
-                    **key_opts: Any) -> Gateway:
+                    production: bool = False, **key_opts: Any) -> Gateway:
+        """``production=True`` serves the app with serve.make_runner (what
+        ``cheapproxy serve`` runs) instead of aiohttp's TestServer, which
+        cancels handlers on disconnect."""
         from cheapproxy.cli_keys import create_key
 
         counter["n"] += 1
@@ -136,11 +158,24 @@ async def gateway(aiohttp_server: Any, tmp_path: Any) -> Callable[..., Awaitable
         config = parse_config(data, file="test.toml", base_dir=str(tmp_path))
         registry = build_registry(plugins=plugins or ())
         app = make_app(config, registry)
-        srv = await aiohttp_server(app, **(server_kwargs or {}))
+        if production:
+            from aiohttp import web
+
+            from cheapproxy.serve import make_runner
+
+            runner = make_runner(app, config)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            srv: Any = ServedApp(runner)
+            served.append(srv)
+        else:
+            srv = await aiohttp_server(app, **(server_kwargs or {}))
         proxy = app[PROXY_KEY]
         await proxy.storage.create_user(user, Decimal(balance))
         rec, secret = await create_key(proxy.storage, user, **key_opts)
         url = str(srv.make_url("")).rstrip("/")
         return Gateway(url=url, key=secret, key_id=rec.id, user=user, proxy=proxy, server=srv)
 
-    return start
+    yield start
+    while served:
+        await served.pop().close()

@@ -81,6 +81,8 @@ class ResponsesStreamDecoder(StreamDecoder):
         if not isinstance(obj, dict):
             return
         t = obj.get("type")
+        if not isinstance(t, str):  # e.g. {"type": []}: unhashable, and no event we know
+            return
         if t in ("response.created", "response.in_progress", "response.queued"):
             self._start(obj.get("response"), out)
         elif t == "response.output_item.added":
