@@ -23,7 +23,7 @@ from . import ir
 from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
-from .errors import ProxyError, UpstreamError
+from .errors import StorageError, ProxyError, UpstreamError
 from .events import CallFinished, RequestRejected, UpstreamFailed
 from .protocol import EncodeContext, Inbound, Protocol, Route
 from .relay import ClientGone, ProviderEvents, UpstreamEvents, emit_events, interrupted_error, relay_stream
@@ -93,6 +93,14 @@ async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Re
     except ClientGone as gone:
         call.status, call.http_status, call.error = "cancelled", 499, gone.message
         return web.Response(status=499)  # nobody is listening; aiohttp drops it
+    except StorageError:
+        # the database is down or locked: fail closed, in the client's shape
+        log.exception("request.storage_failed")
+        err = ProxyError("unavailable", "The gateway's database is unavailable; retry in a moment.", retry_after=1)
+        call.status, call.http_status, call.error = "error", err.status, err.message
+        if call.response_started:
+            raise
+        return error_response(protocol, err, call.request_id)
     except ProxyError as err:
         call.status, call.http_status, call.error = "error", err.status, err.message
         if call.hold is None:

@@ -39,7 +39,10 @@ async def bootstrap(config: Config, registry: Registry) -> str | None:
         if await storage.count_users():
             return None
         s = config.server
-        await storage.create_user(s.first_user, s.first_user_balance)
+        try:
+            await storage.create_user(s.first_user, s.first_user_balance)
+        except ValueError:
+            return None  # another instance sharing the database bootstrapped first
         rec, secret = await create_key(storage, s.first_user, label="first key")
         return (
             f"First start: created user '{s.first_user}' with ${s.first_user_balance} and this API key "

@@ -154,3 +154,22 @@ async def test_transfer_api(gateway):
     alice = await gw.storage.get_user("alice")
     kinds = [e.kind for e in await gw.storage.ledger(alice.id)]
     assert kinds.count("transfer_out") == 2
+
+
+async def test_database_outage_fails_closed_with_503(gateway):
+    gw = await gateway("")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.url + "/v1/messages", headers={"x-api-key": gw.key},
+                          json={"model": "demo", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 200
+        await gw.idle()
+        await gw.proxy.billing.flush()  # drop the idle lease so the next request needs the database
+        await gw.storage.close()  # the database goes away under the running gateway
+        async with s.post(gw.url + "/v1/messages", headers={"x-api-key": gw.key},
+                          json={"model": "demo", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}) as r:
+            body = await r.json()
+            assert r.status == 503 and body["type"] == "error" and "database" in body["error"]["message"]
+            assert r.headers["Retry-After"] == "1"
+        async with s.get(gw.url + "/health") as r:
+            assert r.status == 503 and (await r.json())["database"] == "unavailable"
+        await gw.storage.open()
