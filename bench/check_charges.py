@@ -23,6 +23,9 @@ if res.exists():
             made += int(r.get("requests") or r.get("n") or 0)
 print(f"usage rows by status: {statuses}; charge rows {charges}; duplicate charges {dupes}; open holds {open_holds}; "
       f"balance {bal[0]} == ledger sum {bal[1]}: {bal[0] == bal[1]}; harness-counted requests {made}")
-bad = {k: v for k, v in statuses.items() if k != "ok"}
+# "cancelled" rows are the bounded runs' last requests, cut by the load
+# generator at its deadline (a client disconnect): they must not be charged twice
+# or left holding money, which the other checks cover
+bad = {k: v for k, v in statuses.items() if k not in ("ok", "cancelled")}
 if dupes or open_holds or bal[0] != bal[1] or bad:
     sys.exit("charge check FAILED")
