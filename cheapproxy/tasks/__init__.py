@@ -22,12 +22,12 @@ from .base import (
     resolution_of,
     seconds_value,
 )
-from .http import call_json, upstream_error
+from .http import call_json, get_task_object, upstream_error
 from .objects import task_json, video_json
 from .service import TaskService, validate_task_models
 
 __all__ = [
     "ImageProvider", "ImageResult", "TaskEstimate", "TaskNotFound", "TaskProvider", "TaskService", "TaskSpec",
-    "TaskStatus", "call_json", "parse_task_body", "ratio_of", "resolution_of", "seconds_value", "task_json",
+    "TaskStatus", "call_json", "get_task_object", "parse_task_body", "ratio_of", "resolution_of", "seconds_value", "task_json",
     "upstream_error", "validate_task_models", "video_json",
 ]

@@ -82,3 +82,17 @@ def upstream_error(reply: JSONReply, upstream: str, secrets: list[str] | None = 
     msg = f"upstream {upstream!r} returned HTTP {status}" + (f": {detail}" if detail else "")
     return UpstreamError(kind_for_upstream_status(status), msg, status=status if 400 <= status < 500 else None,
                          upstream_status=status, retryable=retryable)
+
+
+async def get_task_object(session: aiohttp.ClientSession, url: str, *, upstream: str, headers: dict[str, str],
+                          secrets: list[str] | None, task_id: str) -> Any:
+    """GET a provider's task object: TaskNotFound on 404 (the provider forgot
+    it), the upstream's error on other failures, else the parsed body."""
+    from .base import TaskNotFound
+
+    reply = await call_json(session, "GET", url, upstream=upstream, headers=headers, secrets=secrets)
+    if reply.status == 404:
+        raise TaskNotFound(task_id)
+    if reply.status >= 400:
+        raise upstream_error(reply, upstream, secrets)
+    return reply.body

@@ -37,11 +37,11 @@ from cheapproxy.errors import ProxyError, UpstreamError
 from cheapproxy.provider import ProviderType
 from cheapproxy.tasks import (
     TaskEstimate,
-    TaskNotFound,
     TaskProvider,
     TaskSpec,
     TaskStatus,
     call_json,
+    get_task_object,
     ratio_of,
     resolution_of,
     seconds_value,
@@ -147,13 +147,8 @@ class ArkProvider(TaskProvider, ProviderType):
 
     async def poll(self, session: aiohttp.ClientSession, provider_task_id: str) -> TaskStatus:
         url = self.url("/contents/generations/tasks/" + quote(provider_task_id, safe=""))
-        reply = await call_json(session, "GET", url, upstream=self.upstream.name, headers=self.auth_headers(),
-                                secrets=self._secrets)
-        if reply.status == 404:
-            raise TaskNotFound(provider_task_id)
-        if reply.status >= 400:
-            raise upstream_error(reply, self.upstream.name, self._secrets)
-        return self.map_status(reply.body)
+        return self.map_status(await get_task_object(session, url, upstream=self.upstream.name, headers=self.auth_headers(),
+                                                     secrets=self._secrets, task_id=provider_task_id))
 
     def map_status(self, b: Any) -> TaskStatus:
         """An Ark task object -> TaskStatus (state, URLs, usage tokens, output)."""

@@ -32,11 +32,11 @@ import attrs
 from cheapproxy.errors import ProxyError, UpstreamError
 from cheapproxy.provider import ProviderType
 from cheapproxy.tasks import (
-    TaskNotFound,
     TaskProvider,
     TaskSpec,
     TaskStatus,
     call_json,
+    get_task_object,
     resolution_of,
     seconds_value,
     upstream_error,
@@ -126,13 +126,9 @@ class OpenAIVideoProvider(TaskProvider, ProviderType):
         return video_id
 
     async def poll(self, session: aiohttp.ClientSession, provider_task_id: str) -> TaskStatus:
-        reply = await call_json(session, "GET", self.url("/videos/" + quote(provider_task_id, safe="")),
-                                upstream=self.upstream.name, headers=self.auth_headers(), secrets=self._secrets)
-        if reply.status == 404:
-            raise TaskNotFound(provider_task_id)
-        if reply.status >= 400:
-            raise upstream_error(reply, self.upstream.name, self._secrets)
-        return self.map_status(reply.body)
+        url = self.url("/videos/" + quote(provider_task_id, safe=""))
+        return self.map_status(await get_task_object(session, url, upstream=self.upstream.name, headers=self.auth_headers(),
+                                                     secrets=self._secrets, task_id=provider_task_id))
 
     def map_status(self, b: Any) -> TaskStatus:
         """A ``video`` object -> TaskStatus; usage is ``{seconds, size}``."""
