@@ -24,6 +24,7 @@ from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
 from .errors import StorageError, ProxyError, UpstreamError
+from .logging import REQUEST_ID
 from .events import CallFinished, RequestRejected, UpstreamFailed
 from .protocol import EncodeContext, Inbound, Protocol, Route
 from .relay import ClientGone, ProviderEvents, UpstreamEvents, emit_events, interrupted_error, relay_stream
@@ -87,7 +88,7 @@ def error_response(protocol: Protocol, err: ProxyError, request_id: str) -> web.
 
 async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Request) -> web.StreamResponse:
     call = Call(request_id=request[REQUEST_ID_KEY], protocol=protocol, route=route, started=time.perf_counter())
-    structlog.contextvars.bind_contextvars(request_id=call.request_id)
+    token = REQUEST_ID.set(call.request_id)
     try:
         return await _serve(proxy, call, request)
     except ClientGone as gone:
@@ -119,12 +120,13 @@ async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Re
         return error_response(protocol, err, call.request_id)
     finally:
         _log_call(call)
-        structlog.contextvars.clear_contextvars()
+        REQUEST_ID.reset(token)
 
 
 def _log_call(call: Call) -> None:
     log.info(
         "request.finished",
+        request_id=call.request_id,
         key_id=call.key.id if call.key else None,
         model=call.model.name if call.model else None,
         upstream=call.upstream,

@@ -81,6 +81,7 @@ class Metrics:
             ["upstream"], registry=r)
         # money is summed in Decimal and only turned into a float when exposed
         self.cost: dict[tuple[str, str], Decimal] = {}
+        self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self.open_holds: int | None = None
         r.register(_ScrapeCollector(self))
         ProcessCollector(registry=r)
@@ -111,23 +112,42 @@ class Metrics:
         if handler is not None:
             handler(self, event, proxy)
 
+    def _series(self, ev: Any, proxy: Any) -> tuple[Any, ...]:
+        """The children one finished call updates, looked up once per label
+        set (``labels()`` costs more than the increment; every label is
+        bounded, so this cache is too)."""
+        raw = (ev.model, ev.upstream, ev.protocol, ev.streamed, ev.status, ev.http_status)
+        found = self._children.get(raw)
+        if found is None:
+            model, upstream = self._model(proxy, ev.model), self._upstream(proxy, ev.upstream)
+            status = ev.status if ev.status in STATUSES else OTHER
+            streamed = "true" if ev.streamed else "false"
+            found = (
+                self.requests.labels(model=model, upstream=upstream, protocol=self._protocol(proxy, ev.protocol),
+                                     streamed=streamed, status=status, code=code_label(ev.http_status)),
+                self.duration.labels(model=model, upstream=upstream, streamed=streamed, status=status),
+                self.ttft.labels(model=model, upstream=upstream),
+                tuple(self.tokens.labels(model=model, upstream=upstream, type=kind) for kind in TOKEN_TYPES),
+                (model, upstream),
+            )
+            if len(self._children) < 10_000:  # names outside the catalog all map to "other"
+                self._children[raw] = found
+        return found
+
     def _call_finished(self, ev: Any, proxy: Any) -> None:
-        model, upstream = self._model(proxy, ev.model), self._upstream(proxy, ev.upstream)
-        status = ev.status if ev.status in STATUSES else OTHER
-        streamed = "true" if ev.streamed else "false"
-        self.requests.labels(model=model, upstream=upstream, protocol=self._protocol(proxy, ev.protocol),
-                             streamed=streamed, status=status, code=code_label(ev.http_status)).inc()
-        self.duration.labels(model=model, upstream=upstream, streamed=streamed, status=status).observe(max(0.0, ev.latency_seconds))
+        requests, duration, ttft, tokens, cost_key = self._series(ev, proxy)
+        requests.inc()
+        duration.observe(max(0.0, ev.latency_seconds))
         if ev.ttft_seconds is not None:
-            self.ttft.labels(model=model, upstream=upstream).observe(max(0.0, ev.ttft_seconds))
+            ttft.observe(max(0.0, ev.ttft_seconds))
         u = ev.usage
         if u is not None:
             counts = (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens)
-            for kind, n in zip(TOKEN_TYPES, counts):
-                self.tokens.labels(model=model, upstream=upstream, type=kind).inc(max(0, n or 0))
+            for child, n in zip(tokens, counts):
+                if n:
+                    child.inc(max(0, n))
         if ev.cost is not None:
-            key = (model, upstream)
-            self.cost[key] = self.cost.get(key, Decimal(0)) + Decimal(ev.cost)
+            self.cost[cost_key] = self.cost.get(cost_key, Decimal(0)) + Decimal(ev.cost)
 
     def _rejected(self, ev: Any, proxy: Any) -> None:
         self.rejected.labels(protocol=self._protocol(proxy, ev.protocol), kind=kind_label(ev.kind),

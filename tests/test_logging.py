@@ -1,0 +1,35 @@
+"""The JSON log line: request id from the pipeline's context, secrets
+redacted, one line per event, rendered as bytes."""
+
+import json
+import subprocess
+import sys
+
+SCRIPT = r"""
+import structlog
+from cheapproxy.logging import REQUEST_ID, add_secret, configure
+configure("info", "json")
+add_secret("upstream-secret-123456")
+log = structlog.get_logger("t")
+token = REQUEST_ID.set("req_abc")
+log.info("request.finished", model="m1", error="upstream said sk-abcdefghijklmnop and upstream-secret-123456",
+         api_key="cp-shouldneverappear", status=200)
+REQUEST_ID.reset(token)
+log.warning("after", detail="AIzaSyA-0123456789abcdefghijklmn")
+log.debug("hidden")
+"""
+
+
+def test_json_lines_carry_request_id_and_no_secret():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, check=True)
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 2  # debug is filtered at level info
+    first, second = (json.loads(line) for line in lines)
+    assert first["event"] == "request.finished" and first["request_id"] == "req_abc"
+    assert first["level"] == "info" and first["model"] == "m1" and first["status"] == 200
+    assert first["api_key"] == "[redacted]"
+    assert first["error"] == "upstream said [redacted] and [redacted]"
+    assert "request_id" not in second  # the context var was reset
+    assert second["detail"] == "[redacted]" and second["timestamp"].endswith("Z")
+    for secret in (b"sk-abcdefghijklmnop", b"upstream-secret-123456", b"cp-shouldneverappear", b"AIzaSyA"):
+        assert secret not in out.stderr
