@@ -152,20 +152,66 @@ class ChatStreamPassthrough(Passthrough):
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        if not self._buf and chunk.endswith(b"\n\n") and chunk.count(b"\n\n") == 1:
-            # the usual read: exactly one whole LF frame (a CRLF stream never
-            # ends a chunk with two bare LFs), inspected without any copy
-            keep = self._inspect(chunk)
-            return chunk if keep or not self.strip else b""
         if not self._cr and b"\r" in chunk:
             self._cr = True
-        self._buf += chunk
-        frames = self._frames()
-        if not self.strip:
-            for f in frames:
-                self._inspect(f)
-            return chunk
-        return b"".join(f for f in frames if self._inspect(f))
+        if self._cr:  # CR framing: frame by frame (rare)
+            self._buf += chunk
+            frames = self._frames()
+            if not self.strip:
+                for f in frames:
+                    self._inspect(f)
+                return chunk
+            return b"".join(f for f in frames if self._inspect(f))
+        if self._buf:
+            self._buf += chunk
+            data = bytes(self._buf)
+        else:
+            data = chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            if not self._buf:
+                self._buf += chunk
+            return b"" if self.strip else chunk
+        region = data[: cut + 2]
+        self._buf = bytearray(data[cut + 2 :])
+        kept = self._scan(region)
+        return kept if self.strip else chunk
+
+    def _scan(self, region: bytes) -> bytes:
+        """Whole LF frames: only the frames that can matter are looked at (the
+        first ones until output shows, and those that mention a usage object,
+        an error or the end marker), found with byte searches over the whole
+        region, so a read of fifty deltas costs a few scans, not fifty."""
+        start = 0
+        while not self.output_seen:
+            end = region.find(b"\n\n", start)
+            if end < 0:
+                break
+            if _has_output(region[start : end + 2]):
+                self.output_seen = True
+            start = end + 2
+        starts: set[int] = set()
+        for needle in (b'"usage"', b'"error"', b"[DONE]"):
+            p = region.find(needle)
+            while p >= 0:
+                # '"usage":null' rides on every delta of an include_usage stream
+                if not (needle == b'"usage"' and region.startswith(b":null", p + 7)):
+                    s = region.rfind(b"\n\n", 0, p)
+                    starts.add(0 if s < 0 else s + 2)
+                p = region.find(needle, p + len(needle))
+        if not starts:
+            return region
+        out: list[bytes] = []
+        pos = 0
+        for s in sorted(starts):
+            e = region.find(b"\n\n", s) + 2
+            if not self._inspect(region[s:e]):
+                out.append(region[pos:s])
+                pos = e
+        if not pos:
+            return region
+        out.append(region[pos:])
+        return b"".join(out)
 
     def close(self) -> bytes:
         rest = bytes(self._buf)
