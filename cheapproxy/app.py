@@ -69,6 +69,8 @@ class Proxy:
         # interrupts handlers waiting on an upstream when their client left (or at shutdown)
         self.watcher = CallWatcher(config.server.disconnect_check_seconds)
         self.started_at = time.time()
+        # plugins register at start only: no observer means no event queue work
+        self.observed = bool(registry.pm.hook.track_event.get_hookimpls())
 
     def estimate_input_tokens(self, body_bytes: int) -> int:
         """Prompt tokens assumed for a hold (see docs/billing.md)."""
@@ -106,7 +108,7 @@ class Proxy:
         await self.billing.flush()
 
     def emit(self, event: Any) -> None:
-        if not self.registry.pm.hook.track_event.get_hookimpls():
+        if not self.observed:
             return
         try:
             self._events.put_nowait(event)
@@ -131,25 +133,11 @@ class Proxy:
 
     # ---- admission
 
-    @contextlib.asynccontextmanager
-    async def admission(self, key: Any) -> AsyncIterator[None]:
-        s = self.config.server
-        if self.inflight >= s.max_in_flight:
-            raise ProxyError("overloaded", "The gateway is at capacity; retry shortly.", retry_after=1)
-        n = self.inflight_by_key.get(key.id, 0)
-        if n >= s.max_in_flight_per_key:
-            raise ProxyError("rate_limited", f"Too many concurrent requests for this key (limit {s.max_in_flight_per_key}).", retry_after=1)
-        self.inflight += 1
-        self.inflight_by_key[key.id] = n + 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            left = self.inflight_by_key[key.id] - 1
-            if left:
-                self.inflight_by_key[key.id] = left
-            else:
-                del self.inflight_by_key[key.id]
+    def admission(self, key: Any) -> "_Admission":
+        """``with`` (or ``async with``) around a billed request: counts it
+        against ``max_in_flight`` and ``max_in_flight_per_key`` or refuses it.
+        A plain object, not a generator: it runs on every request."""
+        return _Admission(self, key.id)
 
     def register_stream(self, upstream_response: Any) -> Any:
         """Remember an open upstream stream so shutdown can end it."""
@@ -178,6 +166,39 @@ class Proxy:
             out.append(pick)
             pool.remove(pick)
         return out
+
+
+class _Admission:
+    __slots__ = ("proxy", "key_id")
+
+    def __init__(self, proxy: Proxy, key_id: str) -> None:
+        self.proxy, self.key_id = proxy, key_id
+
+    def __enter__(self) -> None:
+        proxy, key_id = self.proxy, self.key_id
+        s = proxy.config.server
+        if proxy.inflight >= s.max_in_flight:
+            raise ProxyError("overloaded", "The gateway is at capacity; retry shortly.", retry_after=1)
+        n = proxy.inflight_by_key.get(key_id, 0)
+        if n >= s.max_in_flight_per_key:
+            raise ProxyError("rate_limited", f"Too many concurrent requests for this key (limit {s.max_in_flight_per_key}).", retry_after=1)
+        proxy.inflight += 1
+        proxy.inflight_by_key[key_id] = n + 1
+
+    def __exit__(self, *_: Any) -> None:
+        proxy, key_id = self.proxy, self.key_id
+        proxy.inflight -= 1
+        left = proxy.inflight_by_key[key_id] - 1
+        if left:
+            proxy.inflight_by_key[key_id] = left
+        else:
+            del proxy.inflight_by_key[key_id]
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *_: Any) -> None:
+        self.__exit__()
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -148,7 +148,8 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
     body = parse_body(raw)
     call.key = key = await authenticate(request, proxy.keys)
     check_routing_fields(body)
-    model_name, stream = call.protocol.inspect(call.route, body, dict(request.match_info), dict(request.query))
+    match_info, query = dict(request.match_info), dict(request.query)
+    model_name, stream = call.protocol.inspect(call.route, body, match_info, query)
     model = proxy.catalog.resolve(model_name) if isinstance(model_name, str) else None
     if model is None:
         raise ProxyError("not_found", f"The model '{model_name}' does not exist or is not served here. GET /v1/models lists the models.",
@@ -166,12 +167,12 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
         raise ProxyError("invalid_request", "A forwarded header contains CR, LF or NUL.")
     call.inbound = inbound = Inbound(
         model=model_name, stream=stream, operation=op, body=body,
-        match_info=dict(request.match_info), query=dict(request.query), headers=headers,
+        match_info=match_info, query=query, headers=headers,
     )
     if op == "count_tokens":
         return await count_tokens(proxy, call)
     proxy.ratelimiter.check(key)
-    async with proxy.admission(key):
+    with proxy.admission(key):
         return await _billed(proxy, call, request, inbound)
 
 
@@ -183,6 +184,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     proxy = request.app.get(PROXY_KEY)
     timeout = proxy.config.server.body_timeout_seconds if proxy is not None else 30.0
     try:
+        if request.content.is_eof():  # the usual case: the whole body came with the head
+            return await request.read()
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
