@@ -33,7 +33,7 @@ import attrs
 import structlog
 
 from . import ir
-from .billing import Billing, Hold
+from .billing import Billing, Hold, _bounded
 from .errors import ProxyError
 from .pricing import PricingScheme, clamp_usage, round_charge
 from .storage.base import KeyRecord, UsageRecord
@@ -95,8 +95,6 @@ class LeaseBilling(Billing):
             return await super().reserve(request_id=request_id, user_id=user_id, key=key, scheme=scheme,
                                          input_tokens_estimate=input_tokens_estimate,
                                          max_output_tokens=max_output_tokens, task=task)
-        from .billing import _bounded
-
         _bounded(input_tokens_estimate, "input_tokens_estimate")
         _bounded(max_output_tokens, "max_output_tokens")
         need = round_charge(max(scheme.estimate_max(input_tokens=input_tokens_estimate,

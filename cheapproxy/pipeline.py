@@ -252,8 +252,10 @@ def billable_usage(call: Call) -> tuple[ir.Usage | None, str]:
     delivered = call.response_started or call.status == "ok"
     if not delivered:
         return None, "upstream"
-    estimate = ir.Usage(input_tokens=max(1, (call.body_bytes + 3) // 4), output_tokens=(call.output_chars + 3) // 4)
     partial = call.response_started and call.status in ("incomplete", "cancelled") and not call.usage_complete
+    if usage is not None and not partial and not usage.is_zero():
+        return usage, "upstream"  # the usual case: a complete answer with the upstream's usage
+    estimate = ir.Usage(input_tokens=max(1, (call.body_bytes + 3) // 4), output_tokens=(call.output_chars + 3) // 4)
     if usage is None or usage.is_zero():
         if call.output_chars or call.response_started:
             return estimate, "estimated"

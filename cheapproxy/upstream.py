@@ -1,6 +1,8 @@
-"""Outbound HTTP: one shared ClientSession per upstream, a bounded connection
-pool, timeouts that suit streams, a circuit breaker, a retry budget, and error
-mapping that never leaks the upstream credential.
+"""Outbound HTTP: a lean HTTP/1.1 client (``cheapproxy.h1``) with a bounded
+keep-alive pool per upstream for the POSTs of the request path, timeouts that
+suit streams, a circuit breaker, a retry budget, and error mapping that never
+leaks the upstream credential.  An aiohttp ``ClientSession`` per upstream
+(``UpstreamClient.session``) stays open for task providers (GETs, downloads).
 
 Timeouts (seconds, per upstream):
 
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from multidict import CIMultiDictProxy
 
+from . import h1
 from .catalog import Upstream
 from .errors import ProxyError, UpstreamError, kind_for_upstream_status
 from .protocol import UpstreamRequest
@@ -30,6 +33,7 @@ from .protocol import UpstreamRequest
 MAX_ERROR_BODY = 64 * 1024
 MAX_RESPONSE_BYTES = 64 * 2**20  # a non-streamed answer larger than this is refused (502)
 _UNSAFE = ("\r", "\n", "\x00")
+_DEFAULT_FIELDS = (("Content-Type", "application/json"),)
 
 
 def scrub(text: str, secrets_: list[str]) -> str:
@@ -61,8 +65,9 @@ def unsafe_text(value: str) -> bool:
 def check_outbound(ureq: UpstreamRequest) -> None:
     """Refuse a request whose headers, path or query carry CR/LF/NUL: nothing a
     client sent may split an upstream header (GHSA-2vrm-gr82-f7m5 style)."""
-    parts = [ureq.path, *ureq.headers.keys(), *ureq.headers.values(), *ureq.query.keys(), *ureq.query.values()]
-    if any(unsafe_text(str(p)) for p in parts):
+    text = "".join([ureq.path, *ureq.headers.keys(), *ureq.headers.values(),
+                    *map(str, ureq.query.keys()), *map(str, ureq.query.values())])
+    if unsafe_text(text):
         raise ProxyError("invalid_request", "A value that would reach an upstream header or URL contains CR, LF or NUL; "
                          "remove control characters from headers and names.")
 
@@ -147,7 +152,7 @@ class UpstreamResponse:
 
     __slots__ = ("client", "raw", "first_deadline", "started", "_slot")
 
-    def __init__(self, client: UpstreamClient, raw: aiohttp.ClientResponse, first_deadline: float) -> None:
+    def __init__(self, client: UpstreamClient, raw: h1.H1Response, first_deadline: float) -> None:
         self.client = client
         self.raw = raw
         self.first_deadline = first_deadline
@@ -164,22 +169,25 @@ class UpstreamResponse:
 
     async def read_chunk(self) -> bytes:
         """The next body chunk; b"" at the end of the body."""
-        name = self.client.name
-        cfg = self.client.upstream.config
+        raw = self.raw
         try:
-            if not self.started:
-                async with asyncio.timeout_at(self.first_deadline):
-                    chunk = await self.raw.content.readany()
-            else:
-                async with asyncio.timeout(cfg.idle_timeout):
-                    chunk = await self.raw.content.readany()
+            chunk = raw.read_nowait()  # already buffered (or the end): no timer needed
+            if chunk is None:
+                if not self.started:
+                    async with asyncio.timeout_at(self.first_deadline):
+                        chunk = await raw.read()
+                else:
+                    async with asyncio.timeout(self.client.upstream.config.idle_timeout):
+                        chunk = await raw.read()
         except TimeoutError:
+            name, cfg = self.client.name, self.client.upstream.config
             if self.started:
                 raise UpstreamError("upstream_timeout", f"upstream {name!r} stalled mid-stream: no data for "
                                     f"{cfg.idle_timeout:g}s (idle_timeout)") from None
             raise UpstreamError("upstream_timeout", f"upstream {name!r} sent no data within {cfg.first_byte_timeout:g}s "
                                 "(first_byte_timeout)", retryable=True) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (h1.H1Error, OSError) as exc:
+            name = self.client.name
             where = "mid-stream" if self.started else "before sending any data"
             raise UpstreamError("upstream_failed", f"upstream {name!r} connection failed {where} ({type(exc).__name__})",
                                 retryable=not self.started) from None
@@ -223,17 +231,19 @@ class UpstreamClient:
         self.upstream = upstream
         self.breaker = breaker
         cfg = upstream.config
-        self.session: ClientSession | None = None
+        self.session: ClientSession | None = None  # task providers' GETs and downloads (not send())
+        self.pools: dict[str, h1.H1Pool] = {}  # send()'s keep-alive connections, per origin
+        self.ssl_context: ssl.SSLContext | None = None  # None: ssl.create_default_context()
         self._secrets = [s for s in (cfg.api_key,) if s]
         self.pool_timeout = float(getattr(routing, "pool_timeout_seconds", 5.0))
         self.budget = RetryBudget(float(getattr(routing, "retry_budget_percent", 20.0)),
                                   int(getattr(routing, "retry_budget_min", 10)))
         self.slots = asyncio.Semaphore(cfg.max_connections)
         self.busy = 0  # pool slots in use (a leak shows here)
-        # connect bounds DNS + TCP (+ TLS); our own pool slots come first, so the
-        # connector never queues.  sock_read is only a backstop: the real first
-        # byte and idle limits are enforced at each read (a sock_read shorter
-        # than first_byte_timeout would cut a legitimately slow first token).
+        # (the session, for task providers) connect bounds DNS + TCP (+ TLS).
+        # sock_read is only a backstop: the real first byte and idle limits are
+        # enforced at each read (a sock_read shorter than first_byte_timeout
+        # would cut a legitimately slow first token).
         backstop = max(cfg.first_byte_timeout, cfg.idle_timeout) + 5.0
         self.timeout = ClientTimeout(total=None, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
                                      sock_read=backstop)
@@ -247,8 +257,34 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            await pool.close()
         if self.session is not None:
             await self.session.close()
+
+    @property
+    def connections_in_use(self) -> int:
+        """Upstream connections lent to a request right now (send()'s pools)."""
+        return sum(p.in_use for p in self.pools.values())
+
+    @property
+    def connections_open(self) -> int:
+        """Open upstream connections of send()'s pools, idle or in use."""
+        return sum(len(p.conns) for p in self.pools.values())
+
+    def _pool(self, origin: str) -> h1.H1Pool:
+        pool = self.pools.get(origin)
+        if pool is None:
+            cfg = self.upstream.config
+            try:
+                pool = h1.H1Pool(origin, max_idle=cfg.max_connections, connect_timeout=cfg.connect_timeout,
+                                 ssl_context=self.ssl_context)
+            except (h1.H1Error, ValueError) as exc:
+                msg = scrub(str(exc), self._secrets)
+                raise UpstreamError("upstream_failed", f"upstream {self.name!r} has an unusable base_url ({msg})") from None
+            self.pools[origin] = pool
+        return pool
 
     @property
     def name(self) -> str:
@@ -286,12 +322,16 @@ class UpstreamClient:
         the request's overall budget; the first-byte budget never outlives it.
         Raises UpstreamError for a full pool, connection failures, timeouts and
         error statuses (the body of an error is read, bounded, and scrubbed)."""
-        assert self.session is not None
         check_outbound(ureq)
         provider = self.upstream.provider
-        headers = {"Content-Type": "application/json", **ureq.headers, **provider.auth_headers()}
         auth_query = provider.auth_query()
         query = {**ureq.query, **auth_query} if (ureq.query or auth_query) else None
+        origin, path = h1.split_url(provider.url(ureq.path))
+        pool = self._pool(origin)
+        body = ureq.body
+        # never Accept-Encoding: identity bodies (h1 still inflates gzip/deflate if one comes anyway)
+        head = pool.head("POST", h1.request_target(path, query),
+                         (*_DEFAULT_FIELDS, *ureq.headers.items(), *provider.auth_headers().items()), len(body))
         cfg = self.upstream.config
         loop = asyncio.get_running_loop()
         await self._acquire(deadline)
@@ -301,39 +341,40 @@ class UpstreamClient:
                 first_deadline = min(first_deadline, deadline)
             try:
                 async with asyncio.timeout_at(first_deadline):
-                    # never follow a redirect: it would carry our credential headers
+                    # a redirect is never followed: it would carry our credential headers
                     # (x-api-key, x-goog-api-key) to wherever the Location points
-                    raw = await self.session.post(self.url(ureq.path), data=ureq.body, headers=headers, params=query,
-                                                  allow_redirects=False)
-            except aiohttp.ConnectionTimeoutError:
+                    raw = await pool.request(head, body)
+            except h1.ConnectTimeoutError:
                 raise UpstreamError("upstream_timeout", f"upstream {self.name!r} could not be reached within "
                                     f"{cfg.connect_timeout:g}s (connect_timeout)", retryable=True) from None
             except TimeoutError:
                 raise UpstreamError("upstream_timeout", f"upstream {self.name!r} did not answer within "
                                     f"{cfg.first_byte_timeout:g}s (first_byte_timeout)", retryable=True) from None
-            except (aiohttp.ClientError, OSError) as exc:
+            except h1.InvalidResponseError as exc:
+                msg = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+                raise UpstreamError("upstream_failed", f"upstream {self.name!r} sent an invalid HTTP response ({msg})",
+                                    retryable=True) from None
+            except (h1.H1Error, OSError) as exc:
                 msg = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
                 raise UpstreamError("upstream_failed", f"upstream {self.name!r} could not be reached ({msg})",
                                     retryable=True) from None
         except BaseException:
             self.free_slot()
             raise
-        if 300 <= raw.status < 400:
+        status = raw.status
+        if status < 300:
+            return UpstreamResponse(self, raw, first_deadline)
+        if status < 400:
             raw.release()
             self.free_slot()
-            raise UpstreamError("upstream_failed", f"upstream {self.name!r} answered with a redirect (HTTP {raw.status}); "
-                                "redirects are not followed, check its base_url", upstream_status=raw.status, retryable=True)
-        if raw.status >= 400:
-            try:
-                async with asyncio.timeout(cfg.idle_timeout):
-                    body = await raw.content.read(MAX_ERROR_BODY)
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                body = b""
-            finally:
-                raw.release()
-                self.free_slot()
-            raise self.error_for(raw.status, body, raw.headers.get("Retry-After"))
-        return UpstreamResponse(self, raw, first_deadline)
+            raise UpstreamError("upstream_failed", f"upstream {self.name!r} answered with a redirect (HTTP {status}); "
+                                "redirects are not followed, check its base_url", upstream_status=status, retryable=True)
+        try:
+            error_body = await _read_error_body(raw, cfg.idle_timeout)
+        finally:
+            raw.release()
+            self.free_slot()
+        raise self.error_for(status, error_body, raw.headers.get("Retry-After"))
 
     def error_for(self, status: int, body: bytes, retry_after: str | None) -> UpstreamError:
         proto = self.upstream.protocol
@@ -353,6 +394,24 @@ class UpstreamClient:
             kind, f"upstream {self.name!r} returned HTTP {status}: {detail}" if detail else f"upstream {self.name!r} returned HTTP {status}",
             status=status_out, upstream_status=status, retry_after=parse_retry_after(retry_after), retryable=retryable,
         )
+
+
+async def _read_error_body(raw: h1.H1Response, timeout: float) -> bytes:
+    """An error answer's body, at most MAX_ERROR_BODY bytes; b"" when it
+    cannot be read within ``timeout``."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while size < MAX_ERROR_BODY:
+                chunk = await raw.read()
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+    except (h1.H1Error, OSError, TimeoutError):
+        return b""
+    return b"".join(parts)[:MAX_ERROR_BODY]
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
