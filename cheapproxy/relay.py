@@ -357,22 +357,28 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
     try:
         finished = False
         while not finished and (events := await source.next()) is not None:
+            # everything one upstream read produced goes out in one write
+            # (a write costs more than encoding an event)
+            parts: list[bytes] = []
+            failed: ProxyError | None = None
             for ev in events:
                 tracker.see(ev)
                 if ev.type == "error":
-                    if sink.out is None:
+                    if sink.out is None and not parts:
                         raise UpstreamError(ev.kind, ev.message, status=ev.status, retryable=True)  # type: ignore[union-attr]
-                    err = ProxyError(ev.kind, ev.message, status=ev.status)  # type: ignore[union-attr]
-                    await sink.fail(err, encoder.error(err))
-                    finished = True
+                    failed = ProxyError(ev.kind, ev.message, status=ev.status)  # type: ignore[union-attr]
                     break
                 data = encoder.encode(ev)
-                if not data:
-                    continue
+                if data:
+                    parts.append(data)
+            if parts:
                 if sink.out is None:
                     await sink.start(encoder.content_type)
-                    data = encoder.start() + data
-                await sink.write(data)
+                    parts.insert(0, encoder.start())
+                await sink.write(b"".join(parts))
+            if failed is not None:
+                await sink.fail(failed, encoder.error(failed))
+                finished = True
         if not finished:
             if sink.out is None:
                 await sink.start(encoder.content_type)
