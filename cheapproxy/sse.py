@@ -33,8 +33,20 @@ class SSEParser:
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = False
-        buf = self._buf + chunk
+        buf = self._buf + chunk if self._buf else chunk
         frames: list[SSEFrame] = []
+        if b"\r" not in buf:
+            # LF only (nearly every upstream): split every complete line at once
+            cut = buf.rfind(b"\n")
+            if cut >= 0:
+                line = self._line
+                for ln in buf[:cut].split(b"\n"):
+                    line(ln, frames)
+                buf = buf[cut + 1 :]
+            self._buf = buf
+            if len(buf) > self.max_frame_bytes:
+                raise ValueError("SSE line too long")
+            return frames
         start = 0
         n = len(buf)
         while start < n:
@@ -67,6 +79,10 @@ class SSEParser:
             if self._data or self._event is not None:
                 frames.append(SSEFrame(self._event, "\n".join(self._data)))
             self._event, self._data = None, []
+            return
+        if line.startswith(b"data:"):
+            value_b = line[6:] if line[5:6] == b" " else line[5:]
+            self._data.append(value_b.decode("utf-8", errors="replace"))
             return
         if line[:1] == b":":
             return
