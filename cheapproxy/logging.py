@@ -10,6 +10,8 @@ and the secret scan skips fields whose values the gateway itself produces.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextvars
 import logging
 import re
@@ -67,6 +69,49 @@ def _dumps(obj: Any, **_: Any) -> bytes:
     return orjson.dumps(obj, default=str)
 
 
+class LineWriter:
+    """structlog's logger for JSON lines: the lines logged during one event
+    loop iteration leave in one write (a write per line was a syscall on every
+    request).  Warnings and worse, lines logged outside a running loop, and
+    whatever is pending at exit are written at once."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def msg(self, message: bytes) -> None:
+        self._pending.append(message)
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop in this thread: write now
+            self.flush()
+            return
+        self._scheduled = True
+
+    def urgent(self, message: bytes) -> None:
+        self._pending.append(message)
+        self.flush()
+
+    debug = info = log = msg
+    warning = warn = error = err = exception = critical = fatal = failure = urgent
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        lines.append(b"")
+        try:
+            self._file.write(b"\n".join(lines))
+            self._file.flush()
+        except (OSError, ValueError):  # stderr closed or gone: nothing to do
+            pass
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -83,7 +128,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         factory: Any = structlog.PrintLoggerFactory(file=sys.stderr)
     else:
         processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
-        factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        writer = LineWriter(sys.stderr.buffer)
+        factory = lambda *_: writer  # noqa: E731 - one writer for every logger
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

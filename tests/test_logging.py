@@ -33,3 +33,30 @@ def test_json_lines_carry_request_id_and_no_secret():
     assert second["detail"] == "[redacted]" and second["timestamp"].endswith("Z")
     for secret in (b"sk-abcdefghijklmnop", b"upstream-secret-123456", b"cp-shouldneverappear", b"AIzaSyA"):
         assert secret not in out.stderr
+
+
+LOOP_SCRIPT = r"""
+import asyncio, os, structlog
+from cheapproxy.logging import configure
+configure("info", "json")
+log = structlog.get_logger("t")
+
+async def main():
+    log.info("one")
+    log.info("two")
+    os.write(2, b"MARK\n")  # written before the two lines: they leave together at the end of the iteration
+    await asyncio.sleep(0)
+    log.info("three")
+    log.warning("four")  # warnings are written at once, after what was pending
+    os.write(2, b"MARK2\n")
+    log.info("five")  # pending when the loop ends: written at exit
+
+asyncio.run(main())
+"""
+
+
+def test_lines_of_one_loop_iteration_leave_together_and_none_is_lost():
+    out = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], capture_output=True, check=True)
+    lines = out.stderr.decode().splitlines()
+    events = [json.loads(x)["event"] if x.startswith("{") else x for x in lines]
+    assert events == ["MARK", "one", "two", "three", "four", "MARK2", "five"]
