@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import secrets
 import time
@@ -235,9 +236,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await proxy.storage.close()
 
 
+# request ids: a random per-process prefix and a counter (unique without a
+# random draw -- a syscall -- per request; they are names, not secrets)
+_ids = itertools.count(1)
+_ID_PREFIX = "req_" + secrets.token_hex(6)
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    request[REQUEST_ID_KEY] = "req_" + secrets.token_hex(12)
+    request[REQUEST_ID_KEY] = f"{_ID_PREFIX}{next(_ids):012x}"
     return await handler(request)
 
 

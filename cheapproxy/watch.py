@@ -39,7 +39,8 @@ class CallWatcher:
     @contextlib.contextmanager
     def watching(self, request: Any, call: Any) -> Iterator[None]:
         """While inside, a vanished client (or shutdown) interrupts this task."""
-        task = asyncio.current_task()
+        # aiohttp knows the handler's task (asking asyncio costs more)
+        task = getattr(request, "task", None) or asyncio.current_task()
         if task is None:  # pragma: no cover - always inside a task under aiohttp
             yield
             return

@@ -16,7 +16,7 @@ from cheapproxy.config import parse_config, structure_options
 from cheapproxy.default_plugins import per_token_pricing
 from cheapproxy.default_plugins.per_token_pricing import PerTokenOptions, PerTokenScheme
 from cheapproxy.errors import ConfigError
-from cheapproxy.pricing import MAX_CHARGE, MAX_TOKENS, MICRO, clamp_tokens, clamp_usage, round_charge
+from cheapproxy.pricing import MAX_CHARGE, MAX_TOKENS, MICRO, PricingScheme, clamp_tokens, clamp_usage, round_charge
 
 D = Decimal
 
@@ -168,3 +168,30 @@ def test_hook_registers_the_scheme_and_entry_points_exist() -> None:
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="cheapproxy")}
     assert eps["per_token"] == "cheapproxy.default_plugins.per_token_pricing"
     assert eps["sqlite"] == "cheapproxy.default_plugins.sqlite_storage"
+
+
+# ---- the integer fast path of per_token equals the Decimal path
+
+_prices = st.one_of(
+    st.integers(0, 12).flatmap(lambda k: st.decimals(min_value=0, max_value=1_000_000, places=k)),
+    st.sampled_from([D("0"), D("0.15"), D("3.00"), D("0.075"), D("15"), D("1E+2"), D("0.0000001"), D("999999.999999")]),
+)
+_tokens = st.one_of(st.integers(-5, 10**10), st.sampled_from([0, 1, 10**9, 10**9 + 1]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(p=st.tuples(_prices, _prices, st.none() | _prices, st.none() | _prices), t=st.tuples(_tokens, _tokens, _tokens, _tokens))
+def test_per_token_fast_path_equals_decimal_path(p, t):
+    s = PerTokenScheme(PerTokenOptions(input=p[0], output=p[1], cache_write=p[2], cache_read=p[3]))
+    usage = ir.Usage(input_tokens=t[0], output_tokens=t[1], cache_write_tokens=t[2], cache_read_tokens=t[3])
+    fast = s.cost(usage)
+    slow = PricingScheme.cost(s, usage)
+    assert fast == slow and str(fast) == str(slow)
+    est = s.estimate_max(input_tokens=max(0, t[0]), max_output_tokens=max(0, t[1]))
+    ref = PricingScheme.estimate_max(s, input_tokens=max(0, t[0]), max_output_tokens=max(0, t[1]))
+    assert est == ref and str(est) == str(ref)
+
+
+def test_per_token_fast_path_is_taken_for_ordinary_prices():
+    assert SONNET._exact == (100, (300, 1500, 375, 30))
+    assert SONNET.cost(ir.Usage(input_tokens=1, output_tokens=1)) == D("0.000018")  # $3 + $15 per 1M tokens

@@ -23,13 +23,13 @@ Policy decisions:
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Callable
 
 import attrs
 
 from cheapproxy import hookimpl, ir
-from cheapproxy.pricing import PricingScheme, check_price
+from cheapproxy.pricing import _EXACT, MAX_CHARGE, MICRO, PricingScheme, check_price, clamp_tokens, clamp_usage
 
 PER = Decimal(1_000_000)
 
@@ -55,6 +55,28 @@ class PerTokenScheme(PricingScheme):
         self.output = o.output
         self.cache_write = o.input if o.cache_write is None else o.cache_write
         self.cache_read = o.input if o.cache_read is None else o.cache_read
+        self._exact = _integer_prices((self.input, self.output, self.cache_write, self.cache_read))
+
+    # Requests are priced on every call: with the prices turned into integers
+    # once (scaled by 10**places), a cost is integer arithmetic and one ceiling
+    # division to whole micro-USD -- the same result as the Decimal path
+    # (tests/test_pricing.py compares them), several times cheaper.
+
+    def cost(self, usage: ir.Usage, *, task: dict[str, Any] | None = None) -> Decimal:
+        if task is not None or self._exact is None:
+            return super().cost(usage, task=task)
+        scale, (p_in, p_out, p_cw, p_cr) = self._exact
+        u = clamp_usage(usage)
+        scaled = (u.input_tokens * p_in + u.output_tokens * p_out + u.cache_write_tokens * p_cw
+                  + u.cache_read_tokens * p_cr)
+        return _micro_ceiling(scaled, scale)
+
+    def estimate_max(self, *, input_tokens: int, max_output_tokens: int, task: dict[str, Any] | None = None) -> Decimal:
+        if task is not None or self._exact is None:
+            return super().estimate_max(input_tokens=input_tokens, max_output_tokens=max_output_tokens, task=task)
+        scale, (p_in, p_out, p_cw, p_cr) = self._exact
+        scaled = clamp_tokens(input_tokens) * max(p_in, p_cw, p_cr) + clamp_tokens(max_output_tokens) * p_out
+        return _micro_ceiling(scaled, scale)
 
     def raw_estimate_max(self, *, input_tokens: int, max_output_tokens: int, task: dict[str, Any] | None) -> Decimal:
         if task is not None:
@@ -82,6 +104,33 @@ class PerTokenScheme(PricingScheme):
             "cache_write": str(self.cache_write),
             "cache_read": str(self.cache_read),
         }
+
+
+def _integer_prices(prices: tuple[Decimal, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """(10**places, the prices times that) when every price converts exactly."""
+    places = max(0, *(-int(p.as_tuple().exponent) for p in prices))
+    if places > 30:
+        return None
+    scale = 10**places
+    with localcontext(_EXACT):
+        ints = tuple(int(p * scale) for p in prices)
+        if any(Decimal(i) / scale != p for i, p in zip(ints, prices)):
+            return None
+    return scale, ints
+
+
+_MAX_MICRO = int(MAX_CHARGE * 1_000_000)
+
+
+def _micro_ceiling(scaled: int, scale: int) -> Decimal:
+    """USD from a cost in micro-USD x ``scale``: rounded up to a whole micro-USD
+    and saturated like ``round_charge``."""
+    micro = -(-scaled // scale)
+    if micro <= 0:
+        return Decimal("0.000000")
+    if micro >= _MAX_MICRO:
+        return MAX_CHARGE.quantize(MICRO)
+    return Decimal(micro).scaleb(-6)
 
 
 @hookimpl
