@@ -68,6 +68,7 @@ class _Pending:
     cost: Decimal
     record: UsageRecord
     future: asyncio.Future[tuple[Decimal, Decimal]]
+    after: Any = None  # called with the cost once the charge is committed
 
 
 class LeaseBilling(Billing):
@@ -82,6 +83,7 @@ class LeaseBilling(Billing):
         self._flusher: asyncio.Task[None] | None = None
         self._lease_lock = asyncio.Lock()
         self._closing = False
+        self._open = 0  # reservations not yet unreserved (pending ones included)
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +112,7 @@ class LeaseBilling(Billing):
                         raise await self._refusal(user_id, key, need)
                     lease.reserved += need
                     lease.users += 1
+                    self._open += 1
         return LeaseHold(id=lease.id, request_id=request_id, user_id=user_id, key_id=key_id, amount=need, lease=lease)
 
     def _take(self, user_id: int, key_id: str | None, need: Decimal) -> Lease | None:
@@ -119,6 +122,7 @@ class LeaseBilling(Billing):
             if lease.free >= need and now - lease.created < self.max_lease_age:
                 lease.reserved += need
                 lease.users += 1
+                self._open += 1
                 if lease.idle_handle is not None:
                     lease.idle_handle.cancel()
                     lease.idle_handle = None
@@ -153,6 +157,30 @@ class LeaseBilling(Billing):
             hold.state, hold.cost = "settled", cost
             return cost
 
+    def settle_nowait(self, hold: Hold, *, scheme: PricingScheme, usage: ir.Usage | None, record: UsageRecord,
+                      after: Any = None) -> asyncio.Future[tuple[Decimal, Decimal]] | None:
+        """The request path's settlement without a task: price ``usage`` (None:
+        release at no charge, still writing ``record``), queue the charge for
+        the next batch and return the future of its commit.  The batch task
+        owns the charge from here: a caller that stops waiting (cancelled)
+        loses nothing, and ``after(cost)`` runs once the charge is durable.
+        None when this hold needs the general path (not a lease hold, or
+        another settlement of it is under way)."""
+        if not isinstance(hold, LeaseHold) or hold._lock.locked() or hold.state != "open" or self._closing:
+            return None
+        if usage is not None:
+            usage = clamp_usage(usage)
+            cost = round_charge(max(scheme.cost(usage, task=None), Decimal(0)))
+            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+            record.cache_read_tokens, record.cache_write_tokens = usage.cache_read_tokens, usage.cache_write_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            hold.state = "settled"
+        else:
+            cost = Decimal(0)
+            hold.state = "released"
+        record.cost = hold.cost = cost
+        return self._queue(hold, cost, record, after)
+
     async def release(self, hold: Hold, *, record: UsageRecord | None = None) -> bool:
         if not isinstance(hold, LeaseHold):
             return await super().release(hold, record=record)
@@ -168,18 +196,35 @@ class LeaseBilling(Billing):
             return True
 
     async def _submit(self, hold: LeaseHold, cost: Decimal, record: UsageRecord) -> None:
-        fut: asyncio.Future[tuple[Decimal, Decimal]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(hold, cost, record, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         # a cancelled waiter does not stop the batch: it still commits and unreserves
-        await asyncio.shield(fut)
+        await asyncio.shield(self._queue(hold, cost, record, None))
+
+    def _queue(self, hold: LeaseHold, cost: Decimal, record: UsageRecord,
+               after: Any) -> asyncio.Future[tuple[Decimal, Decimal]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Decimal, Decimal]] = loop.create_future()
+        self._pending.append(_Pending(hold, cost, record, fut, after))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_loop())
+        return fut
+
+    @staticmethod
+    def _done(p: _Pending, result: tuple[Decimal, Decimal]) -> None:
+        if not p.future.done():
+            p.future.set_result(result)
+        if p.after is not None:
+            try:
+                p.after(p.cost)
+            except Exception:  # noqa: BLE001 - an observer's bug must not stop the batch
+                log.exception("billing.after_charge_failed")
 
     async def _flush_loop(self) -> None:
         while self._pending:
-            # one loop iteration lets the other requests finishing now join
-            # this batch: fewer, larger commits (a commit costs more than a row)
-            await asyncio.sleep(0)
+            if self._open > len(self._pending):
+                # other requests are under way: one loop iteration lets those
+                # finishing now join this batch -- fewer, larger commits (a
+                # commit costs more than a row); alone, commit at once
+                await asyncio.sleep(0)
             batch, self._pending = self._pending, []
             items = [(p.hold.id, p.cost, p.record, "charge") for p in batch]
             try:
@@ -190,8 +235,7 @@ class LeaseBilling(Billing):
                 continue
             for p, (charged, from_lease) in zip(batch, results):
                 self._unreserve(p.hold, from_lease)
-                if not p.future.done():
-                    p.future.set_result((charged, from_lease))
+                self._done(p, (charged, from_lease))
 
     async def _settle_alone(self, p: _Pending, item: tuple[str, Decimal, UsageRecord, str]) -> None:
         """A failed batch is retried item by item; an item whose lease is gone
@@ -206,14 +250,15 @@ class LeaseBilling(Billing):
                     raise
                 await self.storage.settle(zero, cost=p.cost, record=p.record)
                 charged, from_lease = p.cost, Decimal(0)
-        except Exception as exc:  # noqa: BLE001 - the waiter logs it
+        except Exception as exc:  # noqa: BLE001 - the waiter logs it (or this, when nobody waits)
             self._unreserve(p.hold, Decimal(0))
             if not p.future.done():
                 p.future.set_exception(exc)
+            else:
+                log.error("billing.settle_failed", request_id=p.record.request_id, error=f"{type(exc).__name__}: {exc}")
             return
         self._unreserve(p.hold, from_lease)
-        if not p.future.done():
-            p.future.set_result((charged, from_lease))
+        self._done(p, (charged, from_lease))
 
     def _unreserve(self, hold: LeaseHold, from_lease: Decimal) -> None:
         lease = hold.lease
@@ -223,6 +268,7 @@ class LeaseBilling(Billing):
         lease.reserved -= hold.amount
         lease.remaining -= from_lease
         lease.users -= 1
+        self._open -= 1
         if lease.users == 0:
             if lease.remaining <= 0 or self._closing:
                 self._schedule_release(lease, 0)

@@ -227,12 +227,24 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
             call.status, call.http_status = "error", 500
         raise
     finally:
-        # settle on a tracked task; the handler waits for it unless cancelled
-        task = proxy.track(finish_billing(proxy, call))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
+        fut = settle_now(proxy, call)
+        if fut is not None:
+            # the charge is queued and belongs to the batch task: waiting for
+            # its commit (so it is durable before the response ends) is all
+            # that is left here, and a cancelled wait loses nothing
+            try:
+                await fut
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - the hold stays open for the sweeper
+                log.exception("billing.settle_failed")
+        else:
+            # the general path: settle on a tracked task; wait for it unless cancelled
+            task = proxy.track(finish_billing(proxy, call))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                pass
         if response is not None and not response.prepared and call.cost is not None:
             response.headers["x-cheapproxy-cost"] = str(call.cost)
 
@@ -270,7 +282,7 @@ def billable_usage(call: Call) -> tuple[ir.Usage | None, str]:
     return usage, "upstream"
 
 
-async def finish_billing(proxy: Proxy, call: Call) -> None:
+def _record(call: Call) -> tuple[ir.Usage | None, UsageRecord, float]:
     assert call.model is not None and call.key is not None
     usage, source = billable_usage(call)
     elapsed = time.perf_counter() - call.started
@@ -286,6 +298,42 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
         record.cache_read_tokens = usage.cache_read_tokens
         record.cache_write_tokens = usage.cache_write_tokens
         record.reasoning_tokens = usage.reasoning_tokens
+    return usage, record, elapsed
+
+
+def _finished(proxy: Proxy, call: Call, usage: ir.Usage | None, elapsed: float) -> None:
+    assert call.model is not None and call.key is not None
+    proxy.emit(CallFinished(
+        request_id=call.request_id, user_id=call.key.user_id, key_id=call.key.id, model=call.model.name,
+        upstream=call.upstream, protocol=call.protocol.name, streamed=call.stream, status=call.status,
+        http_status=call.http_status, usage=usage, cost=call.cost, latency_seconds=elapsed,
+        ttft_seconds=call.ttft, attempts=call.attempts,
+    ))
+
+
+def settle_now(proxy: Proxy, call: Call) -> asyncio.Future[Any] | None:
+    """Settle without a task when the billing queues charges (leases): the
+    charge is priced and queued here, the rate limiter and CallFinished follow
+    its commit.  None: use ``finish_billing`` on a tracked task."""
+    settle_nowait = getattr(proxy.billing, "settle_nowait", None)
+    if settle_nowait is None or call.model is None or call.key is None:
+        return None
+    usage, record, elapsed = _record(call)
+    charged = usage if usage is not None and not usage.is_zero() else None
+    key_id = call.key.id
+
+    def after(cost: Any) -> None:
+        if charged is not None:
+            call.cost = cost
+            proxy.ratelimiter.add_tokens(key_id, charged.total_input_tokens + charged.output_tokens)
+        _finished(proxy, call, usage, elapsed)
+
+    return settle_nowait(call.hold, scheme=call.model.scheme, usage=charged, record=record, after=after)
+
+
+async def finish_billing(proxy: Proxy, call: Call) -> None:
+    assert call.model is not None and call.key is not None
+    usage, record, elapsed = _record(call)
     try:
         if usage is not None and not usage.is_zero():
             call.cost = await proxy.billing.settle(call.hold, scheme=call.model.scheme, usage=usage, record=record)
@@ -295,12 +343,7 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
     except Exception:  # noqa: BLE001 - logged; the hold stays open for the sweeper
         log.exception("billing.settle_failed")
         return
-    proxy.emit(CallFinished(
-        request_id=call.request_id, user_id=call.key.user_id, key_id=call.key.id, model=call.model.name,
-        upstream=call.upstream, protocol=call.protocol.name, streamed=call.stream, status=call.status,
-        http_status=call.http_status, usage=usage, cost=call.cost, latency_seconds=elapsed,
-        ttft_seconds=call.ttft, attempts=call.attempts,
-    ))
+    _finished(proxy, call, usage, elapsed)
 
 
 # ------------------------------------------------------------------ dispatch

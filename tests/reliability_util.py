@@ -207,7 +207,7 @@ async def eventually(pred: Any, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-REQUEST_PATH_TASKS = {"RequestHandler._handle_request", "finish_billing", "CallWatcher._run"}
+REQUEST_PATH_TASKS = {"RequestHandler._handle_request", "finish_billing", "CallWatcher._run", "LeaseBilling._flush_loop"}
 
 
 def request_tasks() -> list[Any]:

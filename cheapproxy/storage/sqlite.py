@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import sqlite3
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -135,6 +136,8 @@ class SQLiteStorage:
         self._lock = asyncio.Lock()
         self._fast: sqlite3.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        self._ckpt: sqlite3.Connection | None = None  # the checkpointer's own connection
+        self._ckpt_guard = threading.Lock()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -194,10 +197,23 @@ class SQLiteStorage:
         while True:
             await asyncio.sleep(every)
             try:
-                async with self._lock:  # never inside another coroutine's transaction
-                    await self._writer().execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                # on a connection of its own, in a worker thread: a PASSIVE
+                # checkpoint never blocks a writer, so the request path's
+                # commits go on meanwhile (holding the write lock here used to
+                # stall every settlement for the checkpoint's whole duration)
+                await asyncio.get_running_loop().run_in_executor(None, self._checkpoint_once)
             except Exception:  # noqa: BLE001 - retried next round
                 pass
+
+    def _checkpoint_once(self) -> None:
+        with self._ckpt_guard:  # close() waits for a checkpoint in progress
+            if self._fast is None:
+                return  # closed meanwhile
+            conn = self._ckpt
+            if conn is None:
+                conn = self._ckpt = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+                conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def close(self) -> None:
         fast, self._fast = self._fast, None
@@ -208,6 +224,10 @@ class SQLiteStorage:
                 await task
         if fast is not None:
             fast.close()
+        with self._ckpt_guard:
+            ckpt, self._ckpt = self._ckpt, None
+            if ckpt is not None:
+                ckpt.close()
         db, rdb, self._db, self._rdb = self._db, self._rdb, None, None
         if rdb is not None and rdb is not db:
             await rdb.close()
