@@ -8,6 +8,8 @@ import json
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import UpstreamRequest
@@ -313,3 +315,40 @@ async def test_path_tricks_and_forged_hosts_never_bypass_auth(env, path):
         status = int(data.split(b" ", 2)[1])
         assert status in (400, 401, 404, 405), (path, data[:200])
     assert fault.attempts() == 0
+
+
+def _dump(value, rng, dup: bool) -> str:
+    """JSON text with random spacing; ``dup`` repeats one key somewhere."""
+    sp = lambda: rng.choice(["", " ", "\n", "\t "])  # noqa: E731
+    if isinstance(value, dict):
+        items = [(json.dumps(k), _dump(v, rng, False)) for k, v in value.items()]
+        if dup and items:
+            items.append((items[rng.randrange(len(items))][0], "1"))
+        return "{" + ",".join(f"{sp()}{k}{sp()}:{sp()}{v}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v, rng, False) for v in value) + "]"
+    return json.dumps(value)
+
+
+_json_text = st.text(alphabet=st.sampled_from(['a', '"', ':', '\\', ' ', 'é', '{', '}']), max_size=6)
+_json_values = st.recursive(
+    st.none() | st.integers() | _json_text,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_json_text, kids, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(_json_text, _json_values, min_size=1, max_size=5), dup=st.booleans(), seed=st.integers(0, 2**16))
+def test_duplicate_keys_found_whatever_the_spacing_and_escapes(body, dup, seed):
+    import random
+
+    from cheapproxy.validate import parse_body
+
+    raw = _dump(body, random.Random(seed), dup).encode()
+    if dup:
+        with pytest.raises(ProxyError) as e:
+            parse_body(raw)
+        assert "appears twice" in e.value.message
+    else:
+        assert parse_body(raw) == body
