@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
+import datetime
 import logging
 import re
 import sys
@@ -112,6 +113,27 @@ class LineWriter:
             pass
 
 
+_fast: LineWriter | None = None  # set when JSON lines at info level go straight to a LineWriter
+
+
+def info_line(event: str, fields: dict[str, Any]) -> bool:
+    """The per-request line without structlog's processor chain: the same JSON
+    object (event, fields, level, timestamp, secrets scrubbed) written by the
+    same writer.  False when logging is not configured for JSON at info
+    level; the caller then logs through structlog."""
+    writer = _fast
+    if writer is None:
+        return False
+    for k, v in fields.items():
+        if k not in SAFE_FIELDS and isinstance(v, str):
+            fields[k] = "[redacted]" if k.lower() in SECRET_FIELDS else _scrub_str(v)
+    fields["event"] = event
+    fields["level"] = "info"
+    fields["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    writer.msg(orjson.dumps(fields, default=str))
+    return True
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -123,6 +145,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.processors.format_exc_info,
         redact,
     ]
+    writer: LineWriter | None = None
     if use_console:
         processors.append(structlog.dev.ConsoleRenderer())
         factory: Any = structlog.PrintLoggerFactory(file=sys.stderr)
@@ -130,6 +153,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
         writer = LineWriter(sys.stderr.buffer)
         factory = lambda *_: writer  # noqa: E731 - one writer for every logger
+    global _fast
+    _fast = writer if not use_console and lvl <= logging.INFO else None
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -24,7 +24,7 @@ from .app_keys import PROXY_KEY, REQUEST_ID_KEY
 from .auth import authenticate, check_model
 from .catalog import Model
 from .errors import StorageError, ProxyError, UpstreamError
-from .logging import REQUEST_ID
+from .logging import REQUEST_ID, info_line
 from .events import CallFinished, RequestRejected, UpstreamFailed
 from .protocol import EncodeContext, Inbound, Protocol, Route
 from .relay import ClientGone, ProviderEvents, UpstreamEvents, emit_events, interrupted_error, relay_stream
@@ -124,20 +124,21 @@ async def handle(proxy: Proxy, protocol: Protocol, route: Route, request: web.Re
 
 
 def _log_call(call: Call) -> None:
-    log.info(
-        "request.finished",
-        request_id=call.request_id,
-        key_id=call.key.id if call.key else None,
-        model=call.model.name if call.model else None,
-        upstream=call.upstream,
-        protocol=call.protocol.name,
-        stream=call.stream,
-        status=call.http_status,
-        outcome=call.status,
-        attempts=call.attempts,
-        error=call.error,
-        latency_ms=round((time.perf_counter() - call.started) * 1000, 2),
-    )
+    fields = {
+        "request_id": call.request_id,
+        "key_id": call.key.id if call.key else None,
+        "model": call.model.name if call.model else None,
+        "upstream": call.upstream,
+        "protocol": call.protocol.name,
+        "stream": call.stream,
+        "status": call.http_status,
+        "outcome": call.status,
+        "attempts": call.attempts,
+        "error": call.error,
+        "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
+    }
+    if not info_line("request.finished", fields):
+        log.info("request.finished", **fields)
 
 
 async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamResponse:

@@ -60,3 +60,26 @@ def test_lines_of_one_loop_iteration_leave_together_and_none_is_lost():
     lines = out.stderr.decode().splitlines()
     events = [json.loads(x)["event"] if x.startswith("{") else x for x in lines]
     assert events == ["MARK", "one", "two", "three", "four", "MARK2", "five"]
+
+
+FAST_SCRIPT = r"""
+import structlog
+from cheapproxy.logging import add_secret, configure, info_line
+configure("info", "json")
+add_secret("upstream-secret-123456")
+assert info_line("request.finished", {"request_id": "req_1", "model": "m", "status": 200,
+                                      "error": "boom upstream-secret-123456 sk-abcdefghijklmnop", "api_key": "x"})
+structlog.get_logger("t").info("request.finished", request_id="req_1", model="m", status=200,
+                               error="boom upstream-secret-123456 sk-abcdefghijklmnop", api_key="x")
+configure("warning", "json")
+assert not info_line("request.finished", {"request_id": "req_2"})  # below the level: the caller decides
+"""
+
+
+def test_direct_request_line_matches_the_structlog_line():
+    out = subprocess.run([sys.executable, "-c", FAST_SCRIPT], capture_output=True, check=True)
+    fast, slow = (json.loads(line) for line in out.stderr.decode().splitlines())
+    fast.pop("timestamp")
+    stamp = slow.pop("timestamp")
+    assert stamp.endswith("Z") and fast == slow
+    assert fast["error"] == "boom [redacted] [redacted]" and fast["api_key"] == "[redacted]"
