@@ -5,6 +5,7 @@ it is, read on the way with cheap byte checks.  Only frames that mention
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from cheapproxy.sse import SSEParser
 from .common import usage_from_wire
 
 _WS = b" \t\r\n"
+_USAGE_VALUE = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*[^n \t\r\n]')
 # keys whose non-empty value means the model produced output for the client
 _STRING_KEYS = (b'"content"', b'"reasoning_content"', b'"reasoning"', b'"refusal"')
 _CALL_KEYS = (b'"tool_calls"', b'"function_call"')
@@ -190,15 +192,18 @@ class ChatStreamPassthrough(Passthrough):
             if _has_output(region[start : end + 2]):
                 self.output_seen = True
             start = end + 2
-        starts: set[int] = set()
-        for needle in (b'"usage"', b'"error"', b"[DONE]"):
+        # '"usage":null' rides on every delta of an include_usage stream: only
+        # a usage with another value (the final object) is looked for
+        hits = [m.start() for m in _USAGE_VALUE.finditer(region)]
+        for needle in (b'"error"', b"[DONE]"):
             p = region.find(needle)
             while p >= 0:
-                # '"usage":null' rides on every delta of an include_usage stream
-                if not (needle == b'"usage"' and region.startswith(b":null", p + 7)):
-                    s = region.rfind(b"\n\n", 0, p)
-                    starts.add(0 if s < 0 else s + 2)
+                hits.append(p)
                 p = region.find(needle, p + len(needle))
+        starts: set[int] = set()
+        for p in hits:
+            s = region.rfind(b"\n\n", 0, p)
+            starts.add(0 if s < 0 else s + 2)
         if not starts:
             return region
         out: list[bytes] = []
