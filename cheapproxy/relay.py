@@ -176,6 +176,12 @@ class ProviderEvents:
 # ------------------------------------------------------------------ client side
 
 
+class _EventStreamResponse(web.StreamResponse):
+    # the head leaves with the first chunk (one write, not two), as aiohttp's
+    # own Response does; a start is always followed by a write or the end
+    _send_headers_immediately = False
+
+
 class Sink:
     """The client side of one streamed response."""
 
@@ -188,7 +194,7 @@ class Sink:
     async def start(self, content_type: str) -> None:
         headers = dict(SSE_HEADERS)
         headers["Content-Type"] = content_type
-        out = web.StreamResponse(status=200, headers=headers)
+        out = _EventStreamResponse(status=200, headers=headers)
         self.out = out
         try:
             await out.prepare(self.request)
