@@ -7,6 +7,7 @@
 #   MODES=same bench/run.sh      # only one of: same translated
 #   PEERS_TOO=1 bench/run.sh     # also LiteLLM and Portkey (installed by setup_peers.sh)
 #   DURATION=5 CONNS=16 STREAM_CONC=16 bench/run.sh   # a quick look
+#   WORKERS=2 GW_CPUS=0,1 LOAD_CPUS=0,1 bench/run.sh   # serve --workers 2 (see docs/benchmarks.md)
 #
 # "same": OpenAI client -> OpenAI upstream and Anthropic client -> Anthropic upstream
 # (passthrough).  "translated": Anthropic client -> OpenAI-Chat upstream and OpenAI
@@ -39,7 +40,7 @@ for mode in $MODES; do
   echo "== mode $mode (state in $WORK)"
   OUT=${OUT_BASE:-$WORK}/results-$mode \
   TARGETS="$TARGETS" \
-  CUSTOM_CMD="$VENV/bin/cheapproxy --config $CFG serve --port $PORT" \
+  CUSTOM_CMD="$VENV/bin/cheapproxy --config $CFG serve --port $PORT --workers ${WORKERS:-1}" \
   CUSTOM_URL="http://127.0.0.1:$PORT" \
   CUSTOM_HEADERS="Authorization: Bearer $KEY" \
   CUSTOM_A_HEADERS="anthropic-version: 2023-06-01|x-api-key: $KEY" \
