@@ -147,7 +147,7 @@ class SQLiteStorage:
             db.row_factory = sqlite3.Row
             await db.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
             if self.path is not None:
-                rows = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                rows = await self._enable_wal(db)
                 if not rows or str(rows[0][0]).lower() != "wal":
                     raise StorageError(f"cannot enable WAL mode on {self.path}")
             await db.execute("PRAGMA synchronous = NORMAL")
@@ -156,6 +156,23 @@ class SQLiteStorage:
             await db.close()
             raise
         return db
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> Any:
+        """``PRAGMA journal_mode = WAL``, retried: when several processes open
+        a new database at once, switching its journal mode can answer
+        "database is locked" at once, without waiting on busy_timeout
+        (SQLite refuses to wait where waiting could deadlock)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.busy_timeout_ms / 1000
+        delay = 0.005
+        while True:
+            try:
+                return await db.execute_fetchall("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or loop.time() >= give_up:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""
