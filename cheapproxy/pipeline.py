@@ -228,8 +228,14 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
             call.status, call.http_status = "error", 500
         raise
     finally:
-        fut = settle_now(proxy, call)
-        if fut is not None:
+        try:
+            fut = settle_now(proxy, call)
+        except Exception:  # noqa: BLE001 - a pricing bug must not cost the answer; the hold stays for the sweeper
+            log.exception("billing.settle_failed")
+            fut = _FAILED
+        if fut is _FAILED:
+            pass
+        elif fut is not None:
             # the charge is queued and belongs to the batch task: waiting for
             # its commit (so it is durable before the response ends) is all
             # that is left here, and a cancelled wait loses nothing
@@ -248,6 +254,9 @@ async def _billed(proxy: Proxy, call: Call, request: web.Request, inbound: Inbou
                 pass
         if response is not None and not response.prepared and call.cost is not None:
             response.headers["x-cheapproxy-cost"] = str(call.cost)
+
+
+_FAILED: Any = object()  # settle_now raised: logged, nothing more to do
 
 
 def billable_usage(call: Call) -> tuple[ir.Usage | None, str]:
