@@ -71,6 +71,17 @@ class _Pending:
     after: Any = None  # called with the cost once the charge is committed
 
 
+def _price(scheme: PricingScheme, usage: ir.Usage, record: UsageRecord) -> Decimal:
+    """The cost of ``usage``, written on ``record`` with the counts it was priced on."""
+    usage = clamp_usage(usage)
+    cost = round_charge(max(scheme.cost(usage, task=None), Decimal(0)))
+    record.cost = cost
+    record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
+    record.cache_read_tokens, record.cache_write_tokens = usage.cache_read_tokens, usage.cache_write_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+    return cost
+
+
 class LeaseBilling(Billing):
     def __init__(self, storage: Any, *, lease_multiple: int = 64, lease_idle_seconds: float = 2.0,
                  max_lease_age: float = 300.0) -> None:
@@ -147,12 +158,7 @@ class LeaseBilling(Billing):
         async with hold._lock:
             if hold.state != "open":
                 return hold.cost if hold.cost is not None else Decimal(0)
-            usage = clamp_usage(usage)
-            cost = round_charge(max(scheme.cost(usage, task=None), Decimal(0)))
-            record.cost = cost
-            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
-            record.cache_read_tokens, record.cache_write_tokens = usage.cache_read_tokens, usage.cache_write_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
+            cost = _price(scheme, usage, record)
             await self._submit(hold, cost, record)
             hold.state, hold.cost = "settled", cost
             return cost
@@ -169,11 +175,7 @@ class LeaseBilling(Billing):
         if not isinstance(hold, LeaseHold) or hold._lock.locked() or hold.state != "open" or self._closing:
             return None
         if usage is not None:
-            usage = clamp_usage(usage)
-            cost = round_charge(max(scheme.cost(usage, task=None), Decimal(0)))
-            record.input_tokens, record.output_tokens = usage.input_tokens, usage.output_tokens
-            record.cache_read_tokens, record.cache_write_tokens = usage.cache_read_tokens, usage.cache_write_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
+            cost = _price(scheme, usage, record)
             hold.state = "settled"
         else:
             cost = Decimal(0)

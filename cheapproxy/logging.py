@@ -124,9 +124,7 @@ def info_line(event: str, fields: dict[str, Any]) -> bool:
     writer = _fast
     if writer is None:
         return False
-    for k, v in fields.items():
-        if k not in SAFE_FIELDS and isinstance(v, str):
-            fields[k] = "[redacted]" if k.lower() in SECRET_FIELDS else _scrub_str(v)
+    redact(None, "info", fields)
     fields["event"] = event
     fields["level"] = "info"
     fields["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")

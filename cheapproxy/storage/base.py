@@ -193,3 +193,24 @@ class Storage(Protocol):
 
 class InsufficientBalance(Exception):
     """Raised by ``transfer`` when the sender cannot cover the amount."""
+
+
+def charge_lease(lease: dict[str, Any], user: dict[str, Any], key: dict[str, Any] | None, want: int) -> tuple[int, int]:
+    """The money rule of ``charge_batch``, for every backend: charge ``want``
+    (integer micro-USD) from the lease first, then from the user's free
+    balance, capped by what both can cover and by the key's remaining
+    ``max_spend``; the rows (plain dicts read in the batch's transaction) are
+    updated in place.  Returns (charged, taken from the lease); the shortfall
+    ``want - charged`` is recorded as unpaid by the caller."""
+    room = lease["amount"] + (user["balance"] - user["held"])
+    if key is not None and key["max_spend"] is not None:
+        room = min(room, key["max_spend"] - key["spent"] - (key["held"] - lease["amount"]))
+    charge = max(0, min(want, room))
+    from_lease = min(charge, lease["amount"])
+    lease["amount"] -= from_lease
+    user["balance"] -= charge
+    user["held"] -= from_lease
+    if key is not None:
+        key["spent"] += charge
+        key["held"] -= from_lease
+    return charge, from_lease

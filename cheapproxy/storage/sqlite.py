@@ -33,7 +33,7 @@ import aiosqlite
 import orjson
 
 from ..errors import StorageError
-from .base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User
+from .base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User, charge_lease
 from .migrations import apply_migrations
 from .records import FINAL_TASK_STATES, IdempotentReplay, IdempotentWrite, StoredUsageRecord, TaskRecord
 
@@ -824,18 +824,8 @@ def _charge_batch_sync(conn: sqlite3.Connection, items: list[tuple[str, Decimal,
         u = users[h["user_id"]]
         if record.user_id != h["user_id"]:
             raise ValueError("the usage record belongs to another user than the lease")
-        room = h["amount"] + (u["balance"] - u["held"])
         k = keys.get(h["key_id"]) if h["key_id"] is not None else None
-        if k is not None and k["max_spend"] is not None:
-            room = min(room, k["max_spend"] - k["spent"] - (k["held"] - h["amount"]))
-        charge = max(0, min(want, room))
-        from_lease = min(charge, h["amount"])
-        h["amount"] -= from_lease
-        u["balance"] -= charge
-        u["held"] -= from_lease
-        if k is not None:
-            k["spent"] += charge
-            k["held"] -= from_lease
+        charge, from_lease = charge_lease(h, u, k, want)
         if charge:
             ledger_rows.append((h["user_id"], -charge, kind, record.request_id, u["balance"], record.model, now))
         r = record

@@ -38,7 +38,7 @@ import asyncpg
 
 from cheapproxy.errors import StorageError
 from cheapproxy.logging import add_secret
-from cheapproxy.storage.base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User
+from cheapproxy.storage.base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User, charge_lease
 from cheapproxy.storage.records import IdempotentReplay, IdempotentWrite, StoredUsageRecord
 from cheapproxy.storage.sqlite import MAX_BALANCE_MICRO, from_micro, to_micro
 
@@ -436,18 +436,7 @@ class PostgresStorage(TaskMethods):
                 u = users[h["user_id"]]
                 if r.user_id != h["user_id"]:
                     raise ValueError("the usage record belongs to another user than the lease")
-                room = h["amount"] + (u["balance"] - u["held"])
-                k = keys.get(h["key_id"])
-                if k is not None and k["max_spend"] is not None:
-                    room = min(room, k["max_spend"] - k["spent"] - (k["held"] - h["amount"]))
-                charge = max(0, min(want, room))
-                from_lease = min(charge, h["amount"])
-                h["amount"] -= from_lease
-                u["balance"] -= charge
-                u["held"] -= from_lease
-                if k is not None:
-                    k["spent"] += charge
-                    k["held"] -= from_lease
+                charge, from_lease = charge_lease(h, u, keys.get(h["key_id"]), want)
                 if charge:  # a zero charge is a usage row only, as in settle
                     ledger.append((h["user_id"], -charge, kind, r.request_id, u["balance"], r.model, now))
                 usage.append((r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, bool(r.streamed),
