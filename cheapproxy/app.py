@@ -242,10 +242,20 @@ _ids = itertools.count(1)
 _ID_PREFIX = "req_" + secrets.token_hex(6)
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    request[REQUEST_ID_KEY] = f"{_ID_PREFIX}{next(_ids):012x}"
-    return await handler(request)
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):012x}"
+
+
+def _with_request_id(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
+    # set by each route's handler, not by a middleware: any middleware makes
+    # aiohttp add two coroutine layers and a cache lookup to every request
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        request[REQUEST_ID_KEY] = new_request_id()
+        return await handler(request)
+
+    wrapped.__name__ = getattr(handler, "__name__", "handler")
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -261,23 +271,23 @@ def make_app(config: Config, registry: Registry, *, storage: Any = None) -> web.
     config = with_defaults(config, registry)
     catalog = build_catalog(config, registry)
     storage = storage if storage is not None else open_storage(config, registry)
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[request_id_middleware])
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     proxy = Proxy(config, registry, catalog, storage)
     app[PROXY_KEY] = proxy
     app.on_response_prepare.append(_on_prepare)
     app.cleanup_ctx.append(_lifecycle)
     taken: set[tuple[str, str]] = set()
 
-    def add(method: str, path: str, handler: Callable[..., Any], owner: str) -> None:
+    def add(method: str, path: str, handler: Callable[..., Any], owner: str, *, sets_id: bool = False) -> None:
         if (method, path) in taken:
             raise ConfigError(f"route {method} {path} from {owner} is already served")
         taken.add((method, path))
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path, handler if sets_id else _with_request_id(handler))
 
     views.add_core_routes(add)
     for proto in registry.protocols.values():
         for route in proto.routes():
-            add(route.method, route.path, _protocol_handler(proto, route), f"protocol {proto.name}")
+            add(route.method, route.path, _protocol_handler(proto, route), f"protocol {proto.name}", sets_id=True)
     for method, path, handler, plugin in registry.routes:
         add(method, path, handler, f"plugin {plugin}")
     return app
@@ -285,6 +295,7 @@ def make_app(config: Config, registry: Registry, *, storage: Any = None) -> web.
 
 def _protocol_handler(proto: Any, route: Any) -> Callable[[web.Request], Any]:
     async def handler(request: web.Request) -> web.StreamResponse:
+        request[REQUEST_ID_KEY] = new_request_id()
         return await pipeline.handle(request.app[PROXY_KEY], proto, route, request)
 
     handler.__name__ = f"{proto.name}:{route.operation}"

@@ -70,6 +70,9 @@ class KeyCache:
         self.refresh_seconds = refresh_seconds
         self._pos: dict[str, KeyRecord] = {}
         self._neg: dict[str, float] = {}
+        # secret -> digest for keys found (a SHA-256 per request costs more
+        # than the rest of the lookup); never grows for unknown keys
+        self._digests: dict[str, str] = {}
         self._negative_max = negative_max
         self._version: int | None = None
         self._checked = 0.0
@@ -85,11 +88,12 @@ class KeyCache:
             self._version = version
             self._pos.clear()
             self._neg.clear()
+            self._digests.clear()
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         if len(secret) > 512:
             return None
-        digest = hash_key(secret)
+        digest = self._digests.get(secret) or hash_key(secret)
         await self._maybe_refresh()
         rec = self._pos.get(digest)
         if rec is not None:
@@ -104,11 +108,15 @@ class KeyCache:
             self._neg[digest] = time.monotonic()
             return None
         self._pos[digest] = rec
+        if len(self._digests) >= self._negative_max:
+            self._digests.clear()
+        self._digests[secret] = digest
         return rec
 
     def invalidate(self) -> None:
         self._pos.clear()
         self._neg.clear()
+        self._digests.clear()
         self._checked = 0.0
 
     def note_spent(self, key_id: str, spent_delta: object) -> None:

@@ -149,7 +149,8 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
     body = parse_body(raw)
     call.key = key = await authenticate(request, proxy.keys)
     check_routing_fields(body)
-    match_info, query = dict(request.match_info), dict(request.query)
+    # (parsing the query string costs: only when there is one)
+    match_info, query = dict(request.match_info), dict(request.query) if "?" in request.raw_path else {}
     model_name, stream = call.protocol.inspect(call.route, body, match_info, query)
     model = proxy.catalog.resolve(model_name) if isinstance(model_name, str) else None
     if model is None:
@@ -526,8 +527,8 @@ async def _relay(proxy: Proxy, call: Call, request: web.Request, inbound: Inboun
         body = await _read_body(resp)
         call.usage, call.usage_complete = _decode(proto.usage_from_body, body), True
         call.output_chars = len(body)
-        ctype = resp.headers.get("Content-Type", "application/json")
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        ctype = resp.raw.header(b"content-type")  # no header mapping built
+        return web.Response(body=body, headers={"Content-Type": ctype.decode("latin-1") if ctype else "application/json"})
     return await relay_stream(proxy, call, request, resp, proto.passthrough(inbound, stream=True), _ctx(call, None))
 
 

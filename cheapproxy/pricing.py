@@ -72,7 +72,16 @@ def clamp_tokens(value: Any) -> int:
 
 
 def clamp_usage(usage: ir.Usage) -> ir.Usage:
-    """A copy of ``usage`` with every count passed through ``clamp_tokens``."""
+    """``usage`` with every count passed through ``clamp_tokens``: ``usage``
+    itself when every count already is a plain int in range (the usual case,
+    checked inline: it runs more than once per request), else a copy.
+    Callers only read the result."""
+    i, o, cr, cw, r = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                       usage.cache_write_tokens, usage.reasoning_tokens)
+    if (type(i) is int and type(o) is int and type(cr) is int and type(cw) is int and type(r) is int
+            and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS and 0 <= cr <= MAX_TOKENS
+            and 0 <= cw <= MAX_TOKENS and 0 <= r <= MAX_TOKENS):
+        return usage
     return ir.Usage(
         input_tokens=clamp_tokens(usage.input_tokens),
         output_tokens=clamp_tokens(usage.output_tokens),

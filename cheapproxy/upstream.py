@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import ssl
 import time
 from typing import Any
@@ -32,7 +33,6 @@ from .protocol import UpstreamRequest
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_RESPONSE_BYTES = 64 * 2**20  # a non-streamed answer larger than this is refused (502)
-_UNSAFE = ("\r", "\n", "\x00")
 _DEFAULT_FIELDS = (("Content-Type", "application/json"),)
 
 
@@ -57,17 +57,22 @@ def parse_retry_after(value: str | None) -> float | None:
     return min(max(0.0, seconds), 86400.0)
 
 
+_UNSAFE_RE = re.compile("[\r\n\x00]")
+
+
 def unsafe_text(value: str) -> bool:
     """True when ``value`` holds CR, LF or NUL (header / URL injection)."""
-    return any(c in value for c in _UNSAFE)
+    return _UNSAFE_RE.search(value) is not None
 
 
 def check_outbound(ureq: UpstreamRequest) -> None:
     """Refuse a request whose headers, path or query carry CR/LF/NUL: nothing a
     client sent may split an upstream header (GHSA-2vrm-gr82-f7m5 style)."""
-    text = "".join([ureq.path, *ureq.headers.keys(), *ureq.headers.values(),
-                    *map(str, ureq.query.keys()), *map(str, ureq.query.values())])
-    if unsafe_text(text):
+    parts = [ureq.path, *ureq.headers.keys(), *ureq.headers.values()]
+    if ureq.query:
+        parts.extend(map(str, ureq.query.keys()))
+        parts.extend(map(str, ureq.query.values()))
+    if unsafe_text("".join(parts)):
         raise ProxyError("invalid_request", "A value that would reach an upstream header or URL contains CR, LF or NUL; "
                          "remove control characters from headers and names.")
 
@@ -171,14 +176,12 @@ class UpstreamResponse:
         """The next body chunk; b"" at the end of the body."""
         raw = self.raw
         try:
-            chunk = raw.read_nowait()  # already buffered (or the end): no timer needed
+            chunk = raw.read_nowait()  # already buffered (or the end): no deadline needed
             if chunk is None:
                 if not self.started:
-                    async with asyncio.timeout_at(self.first_deadline):
-                        chunk = await raw.read()
+                    chunk = await raw.read(self.first_deadline)
                 else:
-                    async with asyncio.timeout(self.client.upstream.config.idle_timeout):
-                        chunk = await raw.read()
+                    chunk = await raw.read(raw.conn.pool.loop.time() + self.client.upstream.config.idle_timeout)
         except TimeoutError:
             name, cfg = self.client.name, self.client.upstream.config
             if self.started:
@@ -340,10 +343,9 @@ class UpstreamClient:
             if deadline is not None:
                 first_deadline = min(first_deadline, deadline)
             try:
-                async with asyncio.timeout_at(first_deadline):
-                    # a redirect is never followed: it would carry our credential headers
-                    # (x-api-key, x-goog-api-key) to wherever the Location points
-                    raw = await pool.request(head, body)
+                # a redirect is never followed: it would carry our credential headers
+                # (x-api-key, x-goog-api-key) to wherever the Location points
+                raw = await pool.request(head, body, first_deadline)
             except h1.ConnectTimeoutError:
                 raise UpstreamError("upstream_timeout", f"upstream {self.name!r} could not be reached within "
                                     f"{cfg.connect_timeout:g}s (connect_timeout)", retryable=True) from None

@@ -68,19 +68,21 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _count_keys(value: Any) -> int:
-    """Keys of every object in ``value``; refuses nesting deeper than MAX_DEPTH."""
-    total = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise _bad(f"Request body is not valid JSON: nesting is deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            total += len(node)
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
-        else:
-            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+def _count_keys(node: Any, depth: int = 1) -> int:
+    """Keys of every object in ``node`` (a dict or list from orjson); refuses
+    nesting deeper than MAX_DEPTH (so the recursion is bounded by it)."""
+    if depth > MAX_DEPTH:
+        raise _bad(f"Request body is not valid JSON: nesting is deeper than {MAX_DEPTH} levels")
+    if type(node) is dict:
+        total = len(node)
+        values: Any = node.values()
+    else:
+        total = 0
+        values = node
+    for v in values:
+        t = type(v)
+        if t is dict or t is list:
+            total += _count_keys(v, depth + 1)
     return total
 
 

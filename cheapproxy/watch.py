@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 CLIENT_GONE = "client_gone"
 SHUTDOWN = "shutdown"
@@ -36,21 +36,10 @@ class CallWatcher:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @contextlib.contextmanager
-    def watching(self, request: Any, call: Any) -> Iterator[None]:
-        """While inside, a vanished client (or shutdown) interrupts this task."""
-        # aiohttp knows the handler's task (asking asyncio costs more)
-        task = getattr(request, "task", None) or asyncio.current_task()
-        if task is None:  # pragma: no cover - always inside a task under aiohttp
-            yield
-            return
-        self._entries[task] = (request, call)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run(), name="cheapproxy-call-watcher")
-        try:
-            yield
-        finally:
-            self._entries.pop(task, None)
+    def watching(self, request: Any, call: Any) -> "_Watching":
+        """``with``: while inside, a vanished client (or shutdown) interrupts
+        this task.  (A plain object, not a generator: it runs on every request.)"""
+        return _Watching(self, request, call)
 
     def unwatch(self) -> None:
         """The current task knows its client is gone (a write failed): no
@@ -93,6 +82,29 @@ class CallWatcher:
         """Wait until the polling task has exited (tests count tasks)."""
         while self._runner is not None and not self._runner.done():
             await asyncio.sleep(self.interval)
+
+
+class _Watching:
+    __slots__ = ("watcher", "request", "call", "task")
+
+    def __init__(self, watcher: CallWatcher, request: Any, call: Any) -> None:
+        self.watcher, self.request, self.call = watcher, request, call
+        self.task: asyncio.Task[Any] | None = None
+
+    def __enter__(self) -> None:
+        w = self.watcher
+        # aiohttp knows the handler's task (asking asyncio costs more)
+        task = getattr(self.request, "task", None) or asyncio.current_task()
+        if task is None:  # pragma: no cover - always inside a task under aiohttp
+            return
+        self.task = task
+        w._entries[task] = (self.request, self.call)
+        if w._runner is None or w._runner.done():
+            w._runner = asyncio.get_running_loop().create_task(w._run(), name="cheapproxy-call-watcher")
+
+    def __exit__(self, *_: Any) -> None:
+        if self.task is not None:
+            self.watcher._entries.pop(self.task, None)
 
 
 def absorb(call: Any) -> str | None:

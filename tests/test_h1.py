@@ -713,6 +713,44 @@ async def test_stall_before_the_head_is_a_first_byte_timeout(client_for):
         assert_clean(client)
 
 
+async def test_first_byte_deadline_also_bounds_the_connect(client_for):
+    """The first-byte budget covers connecting: a connect hanging in SYN-SENT
+    ends at first_byte_timeout when that is shorter than connect_timeout."""
+    hole = Blackhole()
+    try:
+        client = client_for(f"http://127.0.0.1:{hole.port}", first_byte_timeout=0.3, connect_timeout=10)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(UpstreamError) as e:
+            await client.send(ureq())
+        waited = loop.time() - t0
+        assert e.value.kind == "upstream_timeout" and "first_byte_timeout" in e.value.message
+        assert 0.25 <= waited < 2.0
+        assert_clean(client)
+    finally:
+        hole.close()
+
+
+async def test_deadlines_fire_late_by_at_most_a_tick_and_only_while_waited_on():
+    loop = asyncio.get_running_loop()
+    d = h1.Deadlines(loop, tick=0.02)
+    now = loop.time()
+    early, late, answered = loop.create_future(), loop.create_future(), loop.create_future()
+    d.add(early, now + 0.05)
+    d.add(late, now + 0.3)
+    d.add(answered, now + 0.05)
+    answered.set_result("ok")  # done before its deadline: left alone
+    with pytest.raises(TimeoutError):
+        await early
+    assert loop.time() - now < 0.05 + 0.02 + 0.05  # deadline + one tick (+ scheduling slack)
+    assert not late.done() and answered.result() == "ok"
+    d.discard(late)  # the waiter went away (answered): nothing waits any more
+    await asyncio.sleep(0.06)
+    assert d.waiting == {} and d._handle is None  # the timer stopped
+    assert not late.done()  # a discarded future is never failed
+    late.cancel()
+
+
 async def test_stalls_in_the_body(client_for):
     async def serve(srv: Raw, reader: Any, writer: Any, n: int) -> None:
         if await srv.next(reader, n):
