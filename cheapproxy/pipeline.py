@@ -186,8 +186,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     proxy = request.app.get(PROXY_KEY)
     timeout = proxy.config.server.body_timeout_seconds if proxy is not None else 30.0
     try:
-        if request.content.is_eof():  # the usual case: the whole body came with the head
-            return await request.read()
+        content = request.content
+        if content.is_eof():
+            # the usual case: the whole body came with the head and is
+            # buffered; take it as is (request.read() awaits twice and copies)
+            raw = content.read_nowait()
+            if len(raw) > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(raw))
+            return raw
         async with asyncio.timeout(timeout):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -160,3 +160,62 @@ async def test_relay_through_the_fake(aiohttp_server: Any, client_usage: bool) -
     args = "".join(tc["function"].get("arguments", "") for f in frames[:-1] if f["choices"]
                    for tc in f["choices"][0]["delta"].get("tool_calls", []))
     assert orjson.loads(args) == {"city": "Paris"}
+
+
+# ---- the byte-level tap against a reference that parses every frame
+
+_DELTA = st.sampled_from(["", "Sure", "[DONE]", '"error"', "data: [DONE]", "usage", "\u00e9\u4e2d"])
+
+
+def _frame(kind: str, text: str, n: int) -> bytes:
+    if kind == "delta":
+        obj: Any = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}], "usage": None}
+    elif kind == "usage_only":
+        obj = {"id": "c", "choices": [], "usage": {"prompt_tokens": n, "completion_tokens": n + 1, "total_tokens": 2 * n + 1}}
+    elif kind == "usage_on_delta":
+        obj = {"id": "c", "choices": [{"index": 0, "delta": {"content": text}}], "usage": {"prompt_tokens": n, "completion_tokens": 1}}
+    elif kind == "error":
+        obj = {"error": {"message": f"boom {n}", "type": "server_error"}}
+    else:
+        return b"data: [DONE]\n\n" if n % 2 else b"data:[DONE]\n\n"
+    sep = (b": ", b":") if n % 3 == 0 else (b":", b":")
+    return b"data" + sep[n % 2] + orjson.dumps(obj).replace(b'"usage":', b'"usage": ' if n % 5 == 0 else b'"usage":') + b"\n\n"
+
+
+_FRAMES = st.lists(st.tuples(st.sampled_from(["delta", "delta", "delta", "usage_only", "usage_on_delta", "error", "done"]),
+                             _DELTA, st.integers(min_value=0, max_value=99)), min_size=1, max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=_FRAMES, cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=8), strip=st.booleans())
+def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str, int]], cuts: list[int], strip: bool) -> None:
+    """What the tap reads with byte searches (usage, error, end marker, which
+    frames it drops) equals what parsing every frame says, however the
+    stream is split into reads; '[DONE]', '"error"' and 'usage' inside
+    content never count."""
+    raw = [_frame(k, t, n) for k, t, n in frames]
+    body = b"".join(raw)
+    usage, error, complete, kept = None, None, False, []
+    for f in raw:
+        data = f[5:].strip()
+        if data == b"[DONE]":
+            complete = True
+            kept.append(f)
+            continue
+        obj = orjson.loads(data)
+        if obj.get("error"):
+            error = obj["error"]["message"]
+        u = obj.get("usage")
+        if isinstance(u, dict):
+            usage = u
+            if strip and obj.get("choices") == []:
+                continue
+        kept.append(f)
+    pt = CODEC.passthrough(inbound({**BODY, "stream_options": {"include_usage": not strip}}), stream=True)
+    out = _relay(pt, _split(body, cuts))
+    assert out == (b"".join(kept) if strip else body)
+    assert pt.complete == complete and pt.error_message == error
+    if usage is None:
+        assert pt.usage is None
+    else:
+        assert pt.usage is not None and pt.usage.output_tokens == usage.get("completion_tokens", 0)
