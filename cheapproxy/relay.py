@@ -182,7 +182,7 @@ class _EventStreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-_SMALL_WRITE = 16 * 1024  # a write this small into an empty transport buffer cannot be paused
+_FRAMING = 8192  # room for what a write adds: chunk framing, and the response head on the first one
 
 
 class Sink:
@@ -209,11 +209,12 @@ class Sink:
 
     def _cannot_block(self, size: int) -> bool:
         # aiohttp's write waits only while the transport has paused writing,
-        # i.e. holds more than its high-water mark (64 KiB) unsent; with
-        # nothing unsent and a small write it cannot be paused, so the usual
-        # write needs no timer (one costs ~4 µs)
+        # i.e. holds more than its high-water mark unsent (64 KiB by default);
+        # with nothing unsent and a write (plus chunk framing) below the mark
+        # it cannot get paused, so the usual write needs no timer (~4 µs)
         transport = self.request.transport
-        return transport is not None and size <= _SMALL_WRITE and transport.get_write_buffer_size() == 0
+        return (transport is not None and transport.get_write_buffer_size() == 0
+                and size + _FRAMING < transport.get_write_buffer_limits()[1])
 
     async def write(self, data: bytes) -> None:
         if not data or self.out is None:
