@@ -429,28 +429,11 @@ class SQLiteStorage:
         if amt < 0:
             raise ValueError("a hold cannot be negative")
         try:
-            async with self._tx() as db:
-                cur = await db.execute(
-                    "UPDATE users SET held = held + :a WHERE id = :u AND balance - held >= :a",
-                    {"a": amt, "u": user_id})
-                if cur.rowcount != 1:
-                    raise _Rollback()
-                if key_id is not None:
-                    cur = await db.execute(
-                        "UPDATE api_keys SET held = held + :a WHERE id = :k AND user_id = :u"
-                        " AND (max_spend IS NULL OR spent + held + :a <= max_spend)",
-                        {"a": amt, "k": key_id, "u": user_id})
-                    if cur.rowcount != 1:
-                        raise _Rollback()
-                try:
-                    await db.execute(
-                        "INSERT INTO holds (id, user_id, key_id, amount, state, created_at) VALUES (?, ?, ?, ?, 'open', ?)",
-                        (hold_id, user_id, key_id, amt, _now()))
-                except sqlite3.IntegrityError:
-                    raise ValueError(f"hold id {hold_id!r} already exists") from None
+            # one synchronous transaction (a lease rotation on the hot path):
+            # no hand-off to aiosqlite's thread per statement
+            return bool(await self._in_thread_tx(_hold_sync, hold_id, user_id, key_id, amt, _now()))
         except _Rollback:
             return False
-        return True
 
     async def _finish_hold(self, db: aiosqlite.Connection, hold_id: str, state: str) -> sqlite3.Row | None:
         """Compare-and-set open -> ``state``: the exactly-once gate."""
@@ -461,16 +444,11 @@ class SQLiteStorage:
         return (await db.execute_fetchall("SELECT user_id, key_id, amount FROM holds WHERE id = ?", (hold_id,)))[0]
 
     async def _insert_usage(self, db: aiosqlite.Connection, record: UsageRecord, cost: int, unpaid: int) -> None:
-        r = record
-        values = (r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, int(r.streamed), r.status,
-                  r.http_status, r.input_tokens, r.output_tokens, r.cache_write_tokens, r.cache_read_tokens,
-                  r.reasoning_tokens, cost, unpaid, r.latency_ms, r.ttft_ms, r.usage_source,
-                  _ts(r.created_at) or _now())
         try:
             await db.execute(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})",
-                             values)
+                             _usage_row(record, cost, unpaid, _now()))
         except sqlite3.IntegrityError:
-            raise ValueError(f"request {r.request_id!r} already has a usage record") from None
+            raise ValueError(f"request {record.request_id!r} already has a usage record") from None
 
     async def settle(self, hold_id: str, *, cost: Decimal, record: UsageRecord, kind: str = "charge") -> Decimal | None:
         """Finish the hold charging ``cost`` (capped by what is available, the
@@ -577,14 +555,7 @@ class SQLiteStorage:
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> bool:
         """Cancel the hold with no charge (writing ``record`` at cost 0)."""
-        async with self._tx() as db:
-            h = await self._finish_hold(db, hold_id, "released")
-            if h is None:
-                return False
-            await self._unhold(db, h)
-            if record is not None:
-                await self._insert_usage(db, record, 0, 0)
-        return True
+        return bool(await self._in_thread_tx(_release_sync, hold_id, record, _now()))
 
     @staticmethod
     async def _unhold(db: aiosqlite.Connection, h: sqlite3.Row) -> None:
@@ -802,6 +773,49 @@ def _rows(conn: sqlite3.Connection, sql: str, params: Any) -> list[sqlite3.Row]:
     return conn.execute(sql, params).fetchall()
 
 
+def _hold_sync(conn: sqlite3.Connection, hold_id: str, user_id: int, key_id: str | None, amt: int, now: str) -> bool:
+    """The body of ``SQLiteStorage.hold``; _Rollback when the balance or the key's cap refuses."""
+    cur = conn.execute("UPDATE users SET held = held + :a WHERE id = :u AND balance - held >= :a", {"a": amt, "u": user_id})
+    if cur.rowcount != 1:
+        raise _Rollback()
+    if key_id is not None:
+        cur = conn.execute("UPDATE api_keys SET held = held + :a WHERE id = :k AND user_id = :u"
+                           " AND (max_spend IS NULL OR spent + held + :a <= max_spend)", {"a": amt, "k": key_id, "u": user_id})
+        if cur.rowcount != 1:
+            raise _Rollback()
+    try:
+        conn.execute("INSERT INTO holds (id, user_id, key_id, amount, state, created_at) VALUES (?, ?, ?, ?, 'open', ?)",
+                     (hold_id, user_id, key_id, amt, now))
+    except sqlite3.IntegrityError:
+        raise ValueError(f"hold id {hold_id!r} already exists") from None
+    return True
+
+
+def _release_sync(conn: sqlite3.Connection, hold_id: str, record: UsageRecord | None, now: str) -> bool:
+    """The body of ``SQLiteStorage.release``: open -> released (the
+    exactly-once gate), the held amounts returned, ``record`` written at 0."""
+    cur = conn.execute("UPDATE holds SET state = 'released', finished_at = ? WHERE id = ? AND state = 'open'", (now, hold_id))
+    if cur.rowcount != 1:
+        return False
+    h = conn.execute("SELECT user_id, key_id, amount FROM holds WHERE id = ?", (hold_id,)).fetchone()
+    conn.execute("UPDATE users SET held = held - ? WHERE id = ?", (h["amount"], h["user_id"]))
+    if h["key_id"] is not None:
+        conn.execute("UPDATE api_keys SET held = held - ? WHERE id = ?", (h["amount"], h["key_id"]))
+    if record is not None:
+        try:
+            conn.execute(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})",
+                         _usage_row(record, 0, 0, now))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"request {record.request_id!r} already has a usage record") from None
+    return True
+
+
+def _usage_row(r: UsageRecord, cost: int, unpaid: int, now: str) -> tuple[Any, ...]:
+    return (r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, int(r.streamed), r.status,
+            r.http_status, r.input_tokens, r.output_tokens, r.cache_write_tokens, r.cache_read_tokens,
+            r.reasoning_tokens, cost, unpaid, r.latency_ms, r.ttft_ms, r.usage_source, _ts(r.created_at) or now)
+
+
 def _charge_batch_sync(conn: sqlite3.Connection, items: list[tuple[str, Decimal, UsageRecord, str]], wants: list[int],
                        now: str) -> list[tuple[int, int]]:
     """The body of ``SQLiteStorage.charge_batch`` (runs on the database thread)."""
@@ -828,11 +842,7 @@ def _charge_batch_sync(conn: sqlite3.Connection, items: list[tuple[str, Decimal,
         charge, from_lease = charge_lease(h, u, k, want)
         if charge:
             ledger_rows.append((h["user_id"], -charge, kind, record.request_id, u["balance"], record.model, now))
-        r = record
-        usage_rows.append((r.request_id, r.user_id, r.key_id, r.model, r.upstream, r.protocol, int(r.streamed),
-                           r.status, r.http_status, r.input_tokens, r.output_tokens, r.cache_write_tokens,
-                           r.cache_read_tokens, r.reasoning_tokens, want, want - charge, r.latency_ms, r.ttft_ms,
-                           r.usage_source, _ts(r.created_at) or now))
+        usage_rows.append(_usage_row(record, want, want - charge, now))
         out.append((charge, from_lease))
     conn.executemany("UPDATE holds SET amount = ? WHERE id = ?", [(h["amount"], i) for i, h in leases.items()])
     conn.executemany("UPDATE users SET balance = ?, held = ? WHERE id = ?", [(u["balance"], u["held"], i) for i, u in users.items()])
