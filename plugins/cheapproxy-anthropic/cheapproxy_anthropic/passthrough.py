@@ -84,13 +84,23 @@ class MessagesPassthrough(Passthrough):
     def _scan(self, region: bytes) -> None:
         if not self.output_seen and b"content_block_" in region:
             self.output_seen = True
-        # most chunks are content deltas: three substring checks and done
-        if b"message_" not in region and b"error" not in region:
-            return
-        for frame in region.split(b"\n\n"):
-            if b"message_" in frame or b"error" in frame:
-                event, data = _frame_fields(frame)
-                self._handle(event, data)
+        # most chunks are content deltas: two searches and done; otherwise
+        # only the frames around the hits are read (a whole answer arriving in
+        # one read is fifty frames, three of which matter)
+        starts: set[int] = set()
+        for needle in (b"message_", b"error"):
+            p = region.find(needle)
+            while p >= 0:
+                s = region.rfind(b"\n\n", 0, p)
+                starts.add(0 if s < 0 else s + 2)
+                e = region.find(b"\n\n", p)
+                if e < 0:
+                    break
+                p = region.find(needle, e)  # the next frame on
+        for s in sorted(starts):
+            e = region.find(b"\n\n", s)
+            event, data = _frame_fields(region[s:] if e < 0 else region[s:e])
+            self._handle(event, data)
 
     def _handle(self, event: str | None, data: bytes) -> None:
         if not data:

@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEFrame, SSEParser
+from cheapproxy.sse import SSEParser
 
 from .common import (
     NAME, error_status_type, sanitize_tool_id, signature_to_wire, stop_from_wire, stop_to_wire,
@@ -18,15 +18,30 @@ from .common import (
 )
 from .response import new_message_id
 
+_dumps = orjson.dumps
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+_TextDelta = ir.TextDelta
+
 
 def _frame(event: bytes, payload: bytes) -> bytes:
     return b"event: " + event + b"\ndata: " + payload + b"\n\n"
 
 
 def _delta(index: int, delta: bytes) -> bytes:
-    # hot path: built from byte pieces, one orjson call for the user text
     return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":' + str(index).encode()
             + b',"delta":' + delta + b"}\n\n")
+
+
+# The hot deltas are built as block.head + orjson.dumps(value) + _TAIL, the
+# same bytes as _delta(index, b'{"type":"text_delta","text":' + value + b"}").
+_TAIL = b"}}\n\n"
+_DELTA_FIELD = {
+    "text": b'{"type":"text_delta","text":',
+    "thinking": b'{"type":"thinking_delta","thinking":',
+    "tool": b'{"type":"input_json_delta","partial_json":',
+    "custom": b'{"type":"input_json_delta","partial_json":',
+}
 
 
 def error_event(err: ProxyError) -> bytes:
@@ -36,13 +51,16 @@ def error_event(err: ProxyError) -> bytes:
 
 
 class _Block:
-    __slots__ = ("index", "kind", "sig", "sig_protocol")
+    __slots__ = ("index", "kind", "sig", "sig_protocol", "head")
 
     def __init__(self, index: int, kind: str) -> None:
         self.index = index
         self.kind = kind  # text | thinking | redacted | tool | custom
         self.sig: list[str] = []
         self.sig_protocol: str | None = None
+        # start of this block's text / thinking / input_json delta, up to its value
+        field = _DELTA_FIELD.get(kind)
+        self.head = _delta(index, field)[:-3] if field is not None else b""
 
 
 class MessagesStreamEncoder(StreamEncoder):
@@ -133,7 +151,7 @@ class MessagesStreamEncoder(StreamEncoder):
 
     @staticmethod
     def _text(blk: _Block, text: str) -> bytes:
-        return _delta(blk.index, b'{"type":"text_delta","text":' + orjson.dumps(text) + b"}")
+        return blk.head + _dumps(text) + _TAIL
 
     @staticmethod
     def _reasoning(blk: _Block, text: str, sig: str | None, proto: str | None) -> bytes:
@@ -142,7 +160,7 @@ class MessagesStreamEncoder(StreamEncoder):
             blk.sig_protocol = proto or blk.sig_protocol
         if not text:
             return b""
-        return _delta(blk.index, b'{"type":"thinking_delta","thinking":' + orjson.dumps(text) + b"}")
+        return blk.head + _dumps(text) + _TAIL
 
     @staticmethod
     def _args(blk: _Block, frag: str) -> bytes:
@@ -151,11 +169,16 @@ class MessagesStreamEncoder(StreamEncoder):
         if blk.kind == "custom":
             # JSON-escape the raw fragment and strip the quotes: it continues an open string
             frag = orjson.dumps(frag).decode()[1:-1]
-        return _delta(blk.index, b'{"type":"input_json_delta","partial_json":' + orjson.dumps(frag) + b"}")
+        return blk.head + _dumps(frag) + _TAIL
 
     # -- public
 
     def encode(self, event: ir.StreamEvent) -> bytes:
+        if type(event) is _TextDelta and self.started and not self.done:
+            # the usual event (the same bytes as the TextDelta branch below)
+            blk = self.blocks.get(event.index)
+            text = event.text
+            return blk.head + _dumps(text) + _TAIL if blk is not None and blk.kind == "text" and text else b""
         if self.done:
             return b""
         out = b""
@@ -225,33 +248,47 @@ class MessagesStreamDecoder(StreamDecoder):
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []
-        for frame in self.parser.feed(chunk):
-            self._frame(frame, events)
+        for event, data in self.parser.feed_raw(chunk):
+            self._frame(event, data, events)
         return events
 
     def close(self) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []
-        for frame in self.parser.close():
-            self._frame(frame, events)
+        for event, data in self.parser.close_raw():
+            self._frame(event, data, events)
         if not self.done:
             self.done = True
             events.append(ir.StreamError(message=f"{NAME} upstream stream ended before message_stop",
                                          kind="upstream_failed", status=502))
         return events
 
-    def _frame(self, frame: SSEFrame, events: list[ir.StreamEvent]) -> None:
-        if self.done or not frame.data or frame.event == "ping":
+    def _frame(self, event: str | None, raw: bytes, events: list[ir.StreamEvent]) -> None:
+        """One frame, its data as bytes (``SSEParser.feed_raw``)."""
+        if self.done or not raw or event == "ping":
             return
         try:
-            obj = orjson.loads(frame.data)
-        except orjson.JSONDecodeError:
-            self.done = True
-            events.append(ir.StreamError(message=f"{NAME} upstream sent invalid JSON in its stream"))
+            obj = _loads(raw)
+        except _JSONDecodeError:
+            # orjson refuses invalid UTF-8 in bytes: read it as text with U+FFFD
+            # for the bad bytes, as SSEParser.feed gives it
+            try:
+                obj = _loads(raw.decode("utf-8", errors="replace"))
+            except _JSONDecodeError:
+                self.done = True
+                events.append(ir.StreamError(message=f"{NAME} upstream sent invalid JSON in its stream"))
+                return
+        if type(obj) is not dict:
             return
-        if not isinstance(obj, dict):
-            return
-        t = obj.get("type") or frame.event
+        t = obj.get("type") or event
         if t == "content_block_delta":
+            d = obj.get("delta")
+            if type(d) is dict and d.get("type") == "text_delta":
+                # the usual frame (what _delta does with it)
+                i = self.index_map.get(obj.get("index", -1))
+                text = d.get("text")
+                if i is not None and text:
+                    events.append(_TextDelta(index=i, text=text))
+                return
             self._delta(obj, events)
         elif t == "content_block_start":
             self._block_start(obj, events)

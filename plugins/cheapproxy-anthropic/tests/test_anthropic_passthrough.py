@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cheapproxy import ir
 from cheapproxy.protocol import Inbound
+from cheapproxy.sse import SSEParser
 from cheapproxy.testing.fake_anthropic import make_app
 
 from anthropic_testlib import CLAUDE_CODE_BODY, CODEC, golden, split
@@ -157,3 +158,47 @@ async def test_relay_through_the_fake(aiohttp_server: Any) -> None:
         assert answer.content[0].signature == "sig-anthropic" and answer.content[1].text == "The answer is 42."
     assert log[0]["query"] == {"beta": "true"} and log[0]["headers"]["anthropic-beta"] == BETA
     assert log[0]["body"]["messages"][1]["role"] == "system"
+
+
+# ---- the byte-level tap against a reference that parses every frame
+
+_TEXT = st.sampled_from(["", "Sure", "error", "message_stop", "event: error", "message_delta \u00e9"])
+
+
+def _sse(event: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _afr(kind: str, text: str, n: int) -> bytes:
+    if kind == "start":
+        return _sse("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "m",
+            "usage": {"input_tokens": n, "output_tokens": 1}}})
+    if kind == "delta":
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": text}})
+    if kind == "mdelta":
+        return _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                      "usage": {"output_tokens": n}})
+    if kind == "error":
+        return _sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": f"busy {n}"}})
+    return _sse("message_stop", {"type": "message_stop"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=st.lists(st.tuples(st.sampled_from(["start", "delta", "delta", "delta", "mdelta", "error", "stop"]),
+                                 _TEXT, st.integers(min_value=0, max_value=99)), min_size=1, max_size=25),
+       cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=8))
+def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str, int]], cuts: list[int]) -> None:
+    """Usage, completion and errors read with byte searches equal what
+    parsing every frame says, however the stream is split; event names or
+    'error' inside text never count.  Bytes always pass untouched."""
+    raw = [_afr(k, t, n) for k, t, n in frames]
+    body = b"".join(raw)
+    pieces = split(body, cuts)
+    ref = CODEC.passthrough(inbound({"model": "m", "stream": True}), stream=True)
+    ref._parser = SSEParser()  # the general path: every frame parsed (the same reads: both stop reading after an error)
+    assert b"".join(ref.feed(p) for p in pieces) == body
+    pt, out = relay(body, pieces)
+    assert out == body
+    assert (pt.usage, pt.complete, pt.error_message) == (ref.usage, ref.complete, ref.error_message)
