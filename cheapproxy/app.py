@@ -70,6 +70,7 @@ class Proxy:
         # interrupts handlers waiting on an upstream when their client left (or at shutdown)
         self.watcher = CallWatcher(config.server.disconnect_check_seconds)
         self.started_at = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set at startup
         # plugins register at start only: no observer means no event queue work
         self.observed = bool(registry.pm.hook.track_event.get_hookimpls())
 
@@ -204,6 +205,7 @@ class _Admission:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     proxy = app[PROXY_KEY]
+    proxy.loop = asyncio.get_running_loop()
     await proxy.storage.open()
     for c in proxy.clients.values():
         await c.open()

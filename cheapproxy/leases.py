@@ -95,6 +95,7 @@ class LeaseBilling(Billing):
         self._lease_lock = asyncio.Lock()
         self._closing = False
         self._open = 0  # reservations not yet unreserved (pending ones included)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def enabled(self) -> bool:
@@ -203,7 +204,10 @@ class LeaseBilling(Billing):
 
     def _queue(self, hold: LeaseHold, cost: Decimal, record: UsageRecord,
                after: Any) -> asyncio.Future[tuple[Decimal, Decimal]]:
-        loop = asyncio.get_running_loop()
+        # the loop of the last batch while it runs (asking asyncio costs a getpid() syscall)
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Decimal, Decimal]] = loop.create_future()
         self._pending.append(_Pending(hold, cost, record, fut, after))
         if self._flusher is None or self._flusher.done():

@@ -401,7 +401,7 @@ async def _attempts(proxy: Proxy, call: Call, request: web.Request, inbound: Inb
     assert call.model is not None
     order = _order(proxy, call.model)
     routing = proxy.config.routing
-    loop = asyncio.get_running_loop()
+    loop = proxy.loop or asyncio.get_running_loop()  # (asking asyncio costs a getpid() syscall)
     call.deadline = loop.time() + routing.deadline_seconds
     n = len(order)
     max_attempts = n + routing.retries

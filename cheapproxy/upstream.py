@@ -336,7 +336,8 @@ class UpstreamClient:
         head = pool.head("POST", h1.request_target(path, query),
                          (*_DEFAULT_FIELDS, *ureq.headers.items(), *provider.auth_headers().items()), len(body))
         cfg = self.upstream.config
-        loop = asyncio.get_running_loop()
+        # the pool's loop once it has connected (asking asyncio costs a getpid() syscall)
+        loop = pool.loop or asyncio.get_running_loop()
         await self._acquire(deadline)
         try:
             first_deadline = loop.time() + cfg.first_byte_timeout
