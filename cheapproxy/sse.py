@@ -9,7 +9,14 @@ TCP read never assumed to be one event.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Any, NamedTuple, Optional, Tuple
+
+import orjson
+
+_loads = orjson.loads
+_dumps = orjson.dumps
+_JSONDecodeError = orjson.JSONDecodeError
 
 
 class SSEFrame(NamedTuple):
@@ -17,36 +24,129 @@ class SSEFrame(NamedTuple):
     data: str
 
 
+RawFrame = Tuple[Optional[str], bytes]
+"""``(event, data)`` with the data still bytes (see ``SSEParser.feed_raw``)."""
+
+# The usual frames of LF-only input: blank lines, then "data: ..." alone or
+# "event: name" + "data: ...", then a blank line.  One space after a colon is
+# dropped.  (Anything else, e.g. two data lines, goes line by line.)
+_USUAL = re.compile(rb"\n*+(?:event: ?+(.*+)\n)?data: ?+(.*+)\n\n")  # "." is all but \n
+
+_names: dict[bytes, str] = {}
+
+
+def _event_name(raw: bytes) -> str:
+    """``raw.decode("utf-8", errors="replace")``, remembered (a stream repeats a few names)."""
+    name = _names.get(raw)
+    if name is None:
+        name = raw.decode("utf-8", errors="replace")
+        if len(_names) < 256:
+            _names[raw] = name
+    return name
+
+
+# A frame not yet ended is kept whole (raw) between reads up to this size; a
+# longer one has its complete lines parsed at once so no read rescans it.
+_RAW_LIMIT = 64 * 1024
+
+
 class SSEParser:
-    """Feed bytes, get complete frames.  ``max_frame_bytes`` bounds memory."""
+    """Feed bytes, get complete frames.  ``max_frame_bytes`` bounds one line.
+
+    Two paths give the same frames.  In LF-only input (nearly every upstream)
+    the usual frames, ``data: ...`` alone or ``event: ...`` + ``data: ...``, are
+    read by one regex match each (no Python call per line), and a frame not yet
+    ended waits whole in the buffer for the next read.  Anything else (CR line
+    endings, comments, several data lines, other fields) goes line by line
+    through ``_line``, as all input once did.
+    """
 
     __slots__ = ("_buf", "_event", "_data", "max_frame_bytes", "_pending_cr")
 
     def __init__(self, max_frame_bytes: int = 8 * 2**20) -> None:
+        # unparsed input, starting at a line start; on the LF path it may hold
+        # several complete lines of a frame not yet ended (then _event/_data are empty)
         self._buf = b""
-        self._event: str | None = None
-        self._data: list[str] = []
+        self._event: str | None = None  # the frame being built line by line
+        self._data: list[bytes] = []
         self.max_frame_bytes = max_frame_bytes
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[SSEFrame]:
+        return [SSEFrame(event, data.decode("utf-8", errors="replace")) for event, data in self.feed_raw(chunk)]
+
+    def feed_raw(self, chunk: bytes) -> list[RawFrame]:
+        """Like ``feed`` but the data stays bytes, for a caller that hands it to
+        orjson (which reads bytes).  ``data.decode("utf-8", errors="replace")``
+        is what ``feed`` gives."""
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = False
         buf = self._buf + chunk if self._buf else chunk
-        frames: list[SSEFrame] = []
-        if b"\r" not in buf:
-            # LF only (nearly every upstream): split every complete line at once
-            cut = buf.rfind(b"\n")
+        if b"\r" in buf:
+            return self._feed_lines(buf)
+        frames: list[RawFrame] = []
+        pos = 0
+        if self._event is not None or self._data:
+            pos = self._end_frame(buf, frames)  # a frame an earlier read began line by line
+            if pos < 0:
+                return frames
+        find = buf.find
+        while True:
+            # the usual frames, one regex match each, each anchored where the last ended
+            m = None
+            for m in iter(_USUAL.scanner(buf, pos).match, None):
+                event, data = m.groups()
+                if event is not None:
+                    event = _names.get(event) or _event_name(event)
+                frames.append((event, data))
+            if m is not None:
+                pos = m.end()
+            # something else here: an unusual frame, or one not complete yet
+            end = find(b"\n\n", pos)
+            if end < 0:
+                break
+            for line in buf[pos:end].split(b"\n"):  # the unusual frame, line by line
+                self._line(line, frames)
+            self._line(b"", frames)
+            pos = end + 2
+        rest = buf[pos:] if pos else buf
+        if len(rest) > _RAW_LIMIT:
+            cut = rest.rfind(b"\n")
             if cut >= 0:
-                line = self._line
-                for ln in buf[:cut].split(b"\n"):
-                    line(ln, frames)
-                buf = buf[cut + 1 :]
-            self._buf = buf
-            if len(buf) > self.max_frame_bytes:
-                raise ValueError("SSE line too long")
-            return frames
+                for line in rest[:cut].split(b"\n"):
+                    self._line(line, frames)
+                rest = rest[cut + 1 :]
+        self._buf = rest
+        if len(rest) - rest.rfind(b"\n") - 1 > self.max_frame_bytes:
+            raise ValueError("SSE line too long")
+        return frames
+
+    def _end_frame(self, buf: bytes, frames: list[RawFrame]) -> int:
+        """Finish, line by line, the frame in ``_event``/``_data``: the offset
+        after its blank line, or -1 when ``buf`` does not end it yet."""
+        if buf.startswith(b"\n"):
+            end = 0
+        else:
+            end = buf.find(b"\n\n")
+            if end < 0:
+                cut = buf.rfind(b"\n")
+                if cut >= 0:
+                    for line in buf[:cut].split(b"\n"):
+                        self._line(line, frames)
+                self._buf = buf[cut + 1 :]
+                if len(self._buf) > self.max_frame_bytes:
+                    raise ValueError("SSE line too long")
+                return -1
+            for line in buf[:end].split(b"\n"):
+                self._line(line, frames)
+            end += 1
+        self._line(b"", frames)
+        return end + 1
+
+    def _feed_lines(self, buf: bytes) -> list[RawFrame]:
+        """The general path: one line at a time, any line endings."""
+        frames: list[RawFrame] = []
         start = 0
         n = len(buf)
         while start < n:
@@ -74,15 +174,14 @@ class SSEParser:
             raise ValueError("SSE line too long")
         return frames
 
-    def _line(self, line: bytes, frames: list[SSEFrame]) -> None:
+    def _line(self, line: bytes, frames: list[RawFrame]) -> None:
         if not line:
             if self._data or self._event is not None:
-                frames.append(SSEFrame(self._event, "\n".join(self._data)))
+                frames.append((self._event, b"\n".join(self._data)))
             self._event, self._data = None, []
             return
         if line.startswith(b"data:"):
-            value_b = line[6:] if line[5:6] == b" " else line[5:]
-            self._data.append(value_b.decode("utf-8", errors="replace"))
+            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
             return
         if line[:1] == b":":
             return
@@ -90,22 +189,101 @@ class SSEParser:
         field, sep, value = text.partition(":")
         if sep and value.startswith(" "):
             value = value[1:]
-        if field == "data":
-            self._data.append(value)
+        if field == "data":  # a bare "data" line (no colon): an empty data line
+            self._data.append(value.encode())
         elif field == "event":
             self._event = value
         # id / retry are irrelevant to LLM streams
 
     def close(self) -> list[SSEFrame]:
         """End of body: flush a final frame that lacked its blank line."""
-        frames: list[SSEFrame] = []
+        return [SSEFrame(event, data.decode("utf-8", errors="replace")) for event, data in self.close_raw()]
+
+    def close_raw(self) -> list[RawFrame]:
+        """``close`` with the data as bytes (see ``feed_raw``)."""
+        frames: list[RawFrame] = []
         if self._buf:
-            self._line(self._buf.rstrip(b"\r"), frames)
+            # complete lines of a frame kept raw, then the unterminated last line
+            *lines, last = self._buf.split(b"\n")
+            for line in lines:
+                self._line(line, frames)
+            if last:
+                self._line(last.rstrip(b"\r"), frames)
             self._buf = b""
         if self._data:
-            frames.append(SSEFrame(self._event, "\n".join(self._data)))
-            self._event, self._data = None, []
+            frames.append((self._event, b"\n".join(self._data)))
+        self._event, self._data = None, []
         return frames
+
+
+class StringSlot:
+    """Spots a JSON document that is byte for byte a learned one except for one
+    string value, and reads only that value: a stream decoder's shortcut for its
+    hottest frame (a text delta), whose other bytes repeat in every frame.
+
+    ``learn(raw, path)`` takes a document whose value at ``path`` (keys and list
+    indexes) is a string and keeps the bytes before and after that value, once a
+    test parse with another string there proves the spot is that value.  Then
+    ``match(raw)`` gives the string when ``raw`` is those bytes around one JSON
+    string literal, else None.  A match means ``orjson.loads(raw)`` equals the
+    learned document with that string at ``path``: JSON parses the same bytes
+    around a string token the same way whatever the string.  Bytes orjson would
+    refuse (invalid UTF-8) give no match, so the caller's full path sees them.
+    """
+
+    __slots__ = ("head", "tail", "size", "start", "stop", "learns")
+
+    def __init__(self, learns: int = 4) -> None:
+        self.head = b""
+        self.tail = b""  # never empty once learned: the value sits inside an object or list
+        self.size = 1 << 62  # len(head) + len(tail): too big to match while nothing is learned
+        self.start = 0  # the value's slice: raw[start:stop]
+        self.stop = 0
+        self.learns = learns  # attempts left: a stream whose frames never repeat stops paying for them
+
+    def match(self, raw: bytes) -> str | None:
+        if len(raw) > self.size and raw.startswith(self.head) and raw.endswith(self.tail):
+            try:
+                value = _loads(raw[self.start : self.stop])
+            except _JSONDecodeError:
+                return None
+            if type(value) is str:
+                return value
+        return None
+
+    def learn(self, raw: bytes, path: tuple[Any, ...]) -> bool:
+        """Whether ``raw`` is now the learned document (else what was learned stays)."""
+        if self.learns <= 0:
+            return False
+        self.learns -= 1
+        try:
+            doc = _loads(raw)
+            holder = doc
+            for k in path[:-1]:
+                holder = holder[k]
+            value = holder[path[-1]]
+        except (_JSONDecodeError, LookupError, TypeError):
+            return False
+        if type(value) is not str:
+            return False
+        # the value as orjson writes it, right after its key (a value written
+        # with other escapes is not found: no shortcut for that upstream)
+        key = _dumps(path[-1]) + b":"
+        at = raw.find(key + _dumps(value))
+        if at < 0:
+            return False
+        start = at + len(key)
+        head, tail = raw[:start], raw[start + len(_dumps(value)) :]
+        other = value + "\x00"
+        holder[path[-1]] = other
+        try:
+            ok = _loads(head + _dumps(other) + tail) == doc
+        except _JSONDecodeError:
+            ok = False
+        if ok:
+            self.head, self.tail, self.size = head, tail, len(head) + len(tail)
+            self.start, self.stop = len(head), -len(tail)
+        return ok
 
 
 def encode_frame(data: bytes | str, event: str | None = None, *, crlf: bool = False) -> bytes:

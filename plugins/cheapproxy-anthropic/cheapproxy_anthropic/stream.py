@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser
+from cheapproxy.sse import SSEParser, StringSlot
 
 from .common import (
     NAME, error_status_type, sanitize_tool_id, signature_to_wire, stop_from_wire, stop_to_wire,
@@ -22,6 +22,7 @@ _dumps = orjson.dumps
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
+_TEXT_PATH = ("delta", "text")
 
 
 def _frame(event: bytes, payload: bytes) -> bytes:
@@ -175,10 +176,13 @@ class MessagesStreamEncoder(StreamEncoder):
 
     def encode(self, event: ir.StreamEvent) -> bytes:
         if type(event) is _TextDelta and self.started and not self.done:
-            # the usual event (the same bytes as the TextDelta branch below)
+            # the usual event, what _encode gives for it with fewer steps
             blk = self.blocks.get(event.index)
             text = event.text
             return blk.head + _dumps(text) + _TAIL if blk is not None and blk.kind == "text" and text else b""
+        return self._encode(event)
+
+    def _encode(self, event: ir.StreamEvent) -> bytes:
         if self.done:
             return b""
         out = b""
@@ -245,11 +249,23 @@ class MessagesStreamDecoder(StreamDecoder):
         self.stop_sequence: str | None = None
         self.usage: ir.Usage | None = None
         self.done = False
+        # the usual text_delta frame, learned from the stream (one text block at a time)
+        self.slot = StringSlot(learns=8)
+        self.slot_index: Any = None  # the wire "index" of the learned frame
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []
-        for event, data in self.parser.feed_raw(chunk):
-            self._frame(event, data, events)
+        match = self.slot.match
+        for event, raw in self.parser.feed_raw(chunk):
+            text = None if self.done or event == "ping" else match(raw)
+            if text is None:
+                self._frame(event, raw, events)
+            elif text:
+                # the bytes of a learned text_delta frame around another text:
+                # what _frame does with it, inline
+                i = self.index_map.get(self.slot_index)
+                if i is not None:
+                    events.append(_TextDelta(i, text))
         return events
 
     def close(self) -> list[ir.StreamEvent]:
@@ -280,15 +296,28 @@ class MessagesStreamDecoder(StreamDecoder):
         if type(obj) is not dict:
             return
         t = obj.get("type") or event
+        if t == "content_block_delta" and self._text_frame(obj, raw, events):
+            return
+        self._object(t, obj, events)
+
+    def _text_frame(self, obj: dict[str, Any], raw: bytes, events: list[ir.StreamEvent]) -> bool:
+        """A text_delta frame, done as ``_object`` -> ``_delta`` would (and
+        learned for ``feed``'s shortcut); False for any other delta."""
+        d = obj.get("delta")
+        if type(d) is not dict or d.get("type") != "text_delta":
+            return False
+        idx = obj.get("index", -1)
+        i = self.index_map.get(idx)
+        text = d.get("text")
+        if i is not None and text:
+            events.append(_TextDelta(i, text))
+        if type(text) is str and obj.get("type") == "content_block_delta" and self.slot.learn(raw, _TEXT_PATH):
+            self.slot_index = idx
+        return True
+
+    def _object(self, t: Any, obj: dict[str, Any], events: list[ir.StreamEvent]) -> None:
+        """One parsed frame of type ``t``."""
         if t == "content_block_delta":
-            d = obj.get("delta")
-            if type(d) is dict and d.get("type") == "text_delta":
-                # the usual frame (what _delta does with it)
-                i = self.index_map.get(obj.get("index", -1))
-                text = d.get("text")
-                if i is not None and text:
-                    events.append(_TextDelta(index=i, text=text))
-                return
             self._delta(obj, events)
         elif t == "content_block_start":
             self._block_start(obj, events)

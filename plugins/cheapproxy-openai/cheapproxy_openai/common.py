@@ -4,7 +4,7 @@ usage, error shapes, ids and small body helpers."""
 from __future__ import annotations
 
 import re
-import secrets
+from random import getrandbits as _getrandbits
 from typing import Any
 
 import orjson
@@ -170,7 +170,10 @@ def message_from_error_body(body: bytes) -> str | None:
 
 
 def new_call_id() -> str:
-    return "call_" + secrets.token_hex(12)
+    # "call_" + 24 hex digits.  An id names a tool call and guards nothing, so
+    # the random module's generator (reseeded in forked workers) will do: no
+    # getrandom syscall per id as with the secrets module.
+    return "call_%024x" % _getrandbits(96)
 
 
 def reasoning_text(delta: dict[str, Any]) -> str | None:

@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser
+from cheapproxy.sse import SSEParser, StringSlot
 
 from .common import (
     NAME,
@@ -25,6 +25,12 @@ from .common import (
 from .encode import completion_id, legacy_functions
 
 DONE = b"data: [DONE]\n\n"
+
+_dumps = orjson.dumps
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+_TextDelta = ir.TextDelta
+_CONTENT_PATH = ("choices", 0, "delta", "content")
 
 
 class ChatStreamEncoder(StreamEncoder):
@@ -53,6 +59,8 @@ class ChatStreamEncoder(StreamEncoder):
         self.tool_index: dict[int, int] = {}  # IR block index -> wire tool-call index
         self._prefix = b""
         self._suffix = b""
+        self._text_head = b""  # _chunk({"content": text}) == _text_head + orjson.dumps(text) + _text_tail
+        self._text_tail = b""
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.ctx.created, "model": self.ctx.model}
@@ -62,6 +70,8 @@ class ChatStreamEncoder(StreamEncoder):
         # every chunk shares id/created/model: serialize that head once
         self._prefix = b"data: " + orjson.dumps(head)[:-1] + b',"choices":[{"index":0,"delta":'
         self._suffix = b',"usage":null}\n\n' if self.include_usage else b"}\n\n"
+        self._text_head = self._prefix + b'{"content":'
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}]' + self._suffix
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         tail = b',"logprobs":null,"finish_reason":null}]' if finish is None else (
@@ -77,6 +87,13 @@ class ChatStreamEncoder(StreamEncoder):
         return self._chunk({"role": "assistant", "content": ""})
 
     def encode(self, event: ir.StreamEvent) -> bytes:
+        if type(event) is _TextDelta and self.started and not self.stopped and not self.ended:
+            # the usual event, what _encode gives for it, from prebuilt pieces
+            text = event.text
+            return self._text_head + _dumps(text) + self._text_tail if text else b""
+        return self._encode(event)
+
+    def _encode(self, event: ir.StreamEvent) -> bytes:
         if self.ended:
             return b""
         out = b""
@@ -221,6 +238,7 @@ class ChatStreamDecoder(StreamDecoder):
         self.finish: str | None = None
         self.refused = False
         self.usage: ir.Usage | None = None
+        self.slot = StringSlot()  # the usual text chunk, learned from the stream itself
 
     # -- blocks
 
@@ -296,6 +314,37 @@ class ChatStreamDecoder(StreamDecoder):
 
     # -- frames
 
+    def _content(self, content: str, out: list[ir.StreamEvent]) -> None:
+        """A chunk whose only news is this delta ``content``."""
+        if content:
+            opened = self.open
+            if opened is not None and opened[0] == "text":
+                out.append(_TextDelta(opened[1], content))
+            else:
+                self._text("text", content, out)
+
+    def _text_chunk(self, data: dict[str, Any], out: list[ir.StreamEvent], raw: bytes) -> bool:
+        """The usual chunk: one choice whose delta holds only "content" (and
+        maybe "role"), no finish_reason, no usage, once started.  Done as
+        ``_chunk`` would (and learned for ``feed``'s shortcut); False for any
+        other chunk."""
+        choices = data.get("choices")
+        if not self.started or type(choices) is not list or len(choices) != 1 or data.get("usage") is not None:
+            return False
+        ch = choices[0]
+        if type(ch) is not dict or ch.get("finish_reason") or ch.get("index", 0) != 0:
+            return False
+        delta = ch.get("delta")
+        if type(delta) is not dict:
+            return False
+        content = delta.get("content")
+        n = len(delta)
+        if type(content) is not str or not (n == 1 or (n == 2 and "role" in delta)):
+            return False
+        self._content(content, out)
+        self.slot.learn(raw, _CONTENT_PATH)
+        return True
+
     def _chunk(self, data: dict[str, Any], out: list[ir.StreamEvent]) -> None:
         choices = data.get("choices")
         # Azure leads with id-less prompt-filter chunks (empty choices): start
@@ -344,27 +393,34 @@ class ChatStreamDecoder(StreamDecoder):
         if isinstance(fc, dict):
             self._tool_delta("function_call", {"function": fc}, out)
 
-    def _frame(self, data: str, out: list[ir.StreamEvent]) -> None:
+    def _frame(self, raw: bytes, out: list[ir.StreamEvent]) -> None:
+        """One frame's data, as bytes (``SSEParser.feed_raw``)."""
         if self.done or self.failed:
             return
-        if data[:1] != "{" and data.strip() == "[DONE]":
+        if raw[:1] != b"{" and raw.decode("utf-8", errors="replace").strip() == "[DONE]":
             self.done = True
             self._finish(out)
             return
         try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self.failed = True
-            out.append(ir.StreamError(message="the upstream sent a malformed stream chunk"))
-            return
-        if not isinstance(obj, dict):
+            obj = _loads(raw)
+        except _JSONDecodeError:
+            # orjson refuses invalid UTF-8 in bytes: read it as text with U+FFFD
+            # for the bad bytes, as SSEParser.feed gives it
+            try:
+                obj = _loads(raw.decode("utf-8", errors="replace"))
+            except _JSONDecodeError:
+                self.failed = True
+                out.append(ir.StreamError(message="the upstream sent a malformed stream chunk"))
+                return
+        if type(obj) is not dict:
             return
         err = obj.get("error")
         if err:
             self.failed = True
             out.append(_stream_error(err))
             return
-        self._chunk(obj, out)
+        if not self._text_chunk(obj, out, raw):
+            self._chunk(obj, out)
 
     def _finish(self, out: list[ir.StreamEvent]) -> None:
         if not self.started:
@@ -378,14 +434,25 @@ class ChatStreamDecoder(StreamDecoder):
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
         out: list[ir.StreamEvent] = []
-        for frame in self.parser.feed(chunk):
-            self._frame(frame.data, out)
+        match = self.slot.match
+        for _, raw in self.parser.feed_raw(chunk):
+            content = None if self.done or self.failed else match(raw)
+            if content is None:
+                self._frame(raw, out)
+            elif content:
+                # the bytes of a learned text chunk around another content
+                # string: what _frame -> _chunk -> _content do with it, inline
+                opened = self.open
+                if opened is not None and opened[0] == "text":
+                    out.append(_TextDelta(opened[1], content))
+                else:
+                    self._text("text", content, out)
         return out
 
     def close(self) -> list[ir.StreamEvent]:
         out: list[ir.StreamEvent] = []
-        for frame in self.parser.close():
-            self._frame(frame.data, out)
+        for _, data in self.parser.close_raw():
+            self._frame(data, out)
         if not self.done and not self.failed:
             self.failed = True
             out.append(ir.StreamError(message="the upstream stream ended before [DONE]: the answer was cut"))
