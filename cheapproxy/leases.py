@@ -129,7 +129,9 @@ class LeaseBilling(Billing):
 
     def _take(self, user_id: int, key_id: str | None, need: Decimal) -> Lease | None:
         now = time.monotonic()
-        for lease in self._leases.get((user_id, key_id), ()):
+        # newest first: an older lease of the group was found short once (a
+        # newer one exists) and waits only for its last request to end
+        for lease in reversed(self._leases.get((user_id, key_id), ())):
             # rotate old leases so the stale-hold sweeper never meets one in use
             if lease.free >= need and now - lease.created < self.max_lease_age:
                 lease.reserved += need
@@ -276,7 +278,10 @@ class LeaseBilling(Billing):
         lease.users -= 1
         self._open -= 1
         if lease.users == 0:
-            if lease.remaining <= 0 or self._closing:
+            group = self._leases.get((lease.user_id, lease.key_id))
+            if lease.remaining <= 0 or self._closing or (group and group[-1] is not lease):
+                # spent, or superseded by a newer lease: give the rest back now
+                # (idle superseded leases would pile up in the scan of _take)
                 self._schedule_release(lease, 0)
             elif lease.idle_handle is None:
                 self._schedule_release(lease, self.lease_idle_seconds)
