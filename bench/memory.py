@@ -208,6 +208,7 @@ def main() -> int:
     dupes = db.execute("SELECT count(*) FROM (SELECT reference FROM ledger WHERE kind='charge' "
                        "GROUP BY reference HAVING count(*) > 1)").fetchone()[0]
     open_holds = db.execute("SELECT count(*) FROM holds WHERE state='open'").fetchone()[0]
+    open_holds += db.execute("SELECT count(*) FROM charge_queue").fetchone()[0]  # a clean stop empties it
     total = a.streams + a.requests
     growth = (rss_end - rss_warm) / rss_warm * 100
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; state in {work}")
@@ -219,7 +220,7 @@ def main() -> int:
     print(f"| RSS after {warm} warm-up requests | {rss_warm:.1f} MB | |")
     print(f"| RSS after {a.requests} requests | {rss_end:.1f} MB ({growth:+.1f} %, {a.requests - warm} requests in {t_req:.1f} s) | within 5 % |")
     print(f"| requests answered 200 | {ok}/{a.requests} | all |")
-    print(f"charge check: usage rows {rows}; charge rows {charges} (expected {total}); duplicates {dupes}; open holds {open_holds}")
+    print(f"charge check: usage rows {rows}; charge rows {charges} (expected {total}); duplicates {dupes}; open holds + queued charges {open_holds}")
     failed = (streams_ok != a.streams or ok != a.requests or rows.get("ok") != total or charges != total
               or dupes or open_holds)
     return 1 if failed else 0

@@ -146,6 +146,39 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX tasks_user ON tasks(user_id, created_at)",
         "CREATE INDEX tasks_unfinished ON tasks(next_poll_at) WHERE state IN ('queued', 'running')",
     )),
+    Migration("m006_charge_queue", (
+        # durable charges not yet applied to users/keys/holds/ledger/usage
+        # (see "Charge queue" in sqlite.py): every column of a usage row plus
+        # the lease, the amount and the ledger kind.  No index: a commit of a
+        # batch writes one or two pages instead of a dozen.
+        """CREATE TABLE charge_queue (
+            id INTEGER PRIMARY KEY,
+            lease_id TEXT NOT NULL,
+            want INTEGER NOT NULL CHECK (want >= 0),
+            kind TEXT NOT NULL,
+            queued_at TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            user_id INTEGER NOT NULL,
+            key_id TEXT,
+            model TEXT NOT NULL,
+            upstream TEXT,
+            protocol TEXT NOT NULL,
+            streamed INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            http_status INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cache_write_tokens INTEGER NOT NULL,
+            cache_read_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL,
+            cost INTEGER NOT NULL,
+            unpaid INTEGER NOT NULL,
+            latency_ms INTEGER NOT NULL,
+            ttft_ms INTEGER,
+            usage_source TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+    )),
 )
 
 

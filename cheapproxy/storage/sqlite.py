@@ -11,6 +11,13 @@ Concurrency model:
   File databases read through a second connection, so reads never wait for a
   writer; ``sqlite://:memory:`` uses one connection and the lock for reads too.
 
+Charge queue: a batch of lease charges whose outcome is known without reading
+a row (each fits in what this process knows its lease still holds) is
+committed as rows of the index-less ``charge_queue`` table and applied to
+users, keys, holds, ledger and usage in bulk later -- by a timer, and before
+any other write (``_tx``, ``_in_thread_tx``) and any read of money
+(``_caught_up``), in whatever process makes it, and at open.
+
 Money is INTEGER micro-USD; Decimal amounts with more than six decimals are
 refused rather than rounded.  Settlement policy when the real cost exceeds what
 is available (the hold plus the free balance, and the key's remaining spending
@@ -31,11 +38,14 @@ from typing import Any, AsyncIterator
 
 import aiosqlite
 import orjson
+import structlog
 
 from ..errors import StorageError
 from .base import InsufficientBalance, KeyRecord, LedgerEntry, UsageRecord, User, charge_lease
 from .migrations import apply_migrations
 from .records import FINAL_TASK_STATES, IdempotentReplay, IdempotentWrite, StoredUsageRecord, TaskRecord
+
+log = structlog.get_logger("cheapproxy.storage")
 
 MAX_AMOUNT_MICRO = 10**15  # 1e9 USD: the largest single amount accepted
 MAX_BALANCE_MICRO = 10**16  # far below int64; a credit that would pass it is refused
@@ -112,6 +122,7 @@ _USAGE_COLS = (
     "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "reasoning_tokens",
     "cost", "unpaid", "latency_ms", "ttft_ms", "usage_source", "created_at",
 )
+_INSERT_USAGE = f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})"
 _TASK_COLS = (
     "id", "user_id", "key_id", "model", "upstream", "kind", "state", "provider_task_id", "request", "result",
     "usage", "cost", "error", "hold_id", "callback_url", "created_at", "updated_at", "deadline_at",
@@ -138,6 +149,12 @@ class SQLiteStorage:
         self._checkpointer: asyncio.Task[None] | None = None
         self._ckpt: sqlite3.Connection | None = None  # the checkpointer's own connection
         self._ckpt_guard = threading.Lock()
+        # the charge queue (see charge_batch): per lease this process charges,
+        # [what it may still queue against the lease, the lease's user id]
+        self._lease_room: dict[str, list[int]] = {}
+        self._queued = 0  # charges queued since the last fold began
+        self._fold_timer: asyncio.TimerHandle | None = None
+        self._folder: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -188,6 +205,8 @@ class SQLiteStorage:
             if self.path is not None:
                 self._fast = self._connect_fast()
                 self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_forever())
+            # charges a crashed process queued but never applied
+            await self._in_thread_tx(_nothing)
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StorageError(f"cannot open database {self.url}: {exc}") from None
@@ -233,6 +252,17 @@ class SQLiteStorage:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def close(self) -> None:
+        if self._fold_timer is not None:
+            self._fold_timer.cancel()
+            self._fold_timer = None
+        if self._folder is not None:
+            with contextlib.suppress(Exception):
+                await self._folder
+        if self._db is not None and self._queued:
+            try:
+                await self._in_thread_tx(_nothing)  # the queue's last charges
+            except Exception as exc:  # noqa: BLE001 - the next open applies them
+                log.warning("storage.fold_at_close_failed", error=f"{type(exc).__name__}: {exc}")
         fast, self._fast = self._fast, None
         task, self._checkpointer = self._checkpointer, None
         if task is not None:
@@ -286,6 +316,8 @@ class SQLiteStorage:
                     raise StorageError(f"database busy: {exc}") from None
                 raise
             try:
+                # queued charges first: every write sees balances with them applied
+                await db._execute(_fold_sync, db._connection)
                 yield db
                 await db.execute("COMMIT")
             except BaseException as exc:
@@ -293,6 +325,12 @@ class SQLiteStorage:
                 if isinstance(exc, sqlite3.OperationalError):
                     raise StorageError(f"database error: {exc}") from None
                 raise
+
+    async def _caught_up(self) -> None:
+        """Apply queued charges (of any process) before a read that shows
+        balances, spending, holds, the ledger or usage."""
+        if (await self._read("SELECT EXISTS (SELECT 1 FROM charge_queue)"))[0][0]:
+            await self._in_thread_tx(_nothing)
 
     async def _read(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         if self._rdb is None:
@@ -331,14 +369,17 @@ class SQLiteStorage:
         return User(id=int(uid), name=name, balance=from_micro(bal), held=from_micro(0), created_at=_dt(now))  # type: ignore[arg-type]
 
     async def get_user(self, name: str) -> User | None:
+        await self._caught_up()
         rows = await self._read("SELECT * FROM users WHERE name = ?", (name,))
         return self._user(rows[0]) if rows else None
 
     async def get_user_by_id(self, user_id: int) -> User | None:
+        await self._caught_up()
         rows = await self._read("SELECT * FROM users WHERE id = ?", (user_id,))
         return self._user(rows[0]) if rows else None
 
     async def list_users(self) -> list[User]:
+        await self._caught_up()
         return [self._user(r) for r in await self._read("SELECT * FROM users ORDER BY id")]
 
     async def count_users(self) -> int:
@@ -382,6 +423,7 @@ class SQLiteStorage:
         return self._key(rows[0]) if rows else None
 
     async def list_keys(self, user_name: str | None = None) -> list[KeyRecord]:
+        await self._caught_up()
         if user_name is None:
             rows = await self._read(_KEY_SELECT + " ORDER BY k.created_at, k.id")
         else:
@@ -445,7 +487,7 @@ class SQLiteStorage:
 
     async def _insert_usage(self, db: aiosqlite.Connection, record: UsageRecord, cost: int, unpaid: int) -> None:
         try:
-            await db.execute(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})",
+            await db.execute(_INSERT_USAGE,
                              _usage_row(record, cost, unpaid, _now()))
         except sqlite3.IntegrityError:
             raise ValueError(f"request {record.request_id!r} already has a usage record") from None
@@ -485,12 +527,16 @@ class SQLiteStorage:
             await self._insert_usage(db, record, want, want - charge)
         return from_micro(balance)
 
-    async def _in_thread_tx(self, fn: Any, *args: Any) -> Any:
+    async def _in_thread_tx(self, fn: Any, *args: Any, fold: bool = True, threaded: bool = False) -> Any:
         """Run ``fn(conn, *args)`` as one BEGIN IMMEDIATE transaction entirely
         on aiosqlite's thread: one hand-off instead of one per statement.
         The hot path's transactions use this -- each hand-off to the thread is
-        a GIL round trip, which costs more than the SQL itself."""
+        a GIL round trip, which costs more than the SQL itself.  Unless
+        ``fold`` is False the charge queue is applied first, in the same
+        transaction.  ``threaded``: never on the event loop's connection."""
         db = self._writer()
+        if fold:
+            fn = _after_fold(fn)
 
         def run() -> Any:
             conn = db._connection  # aiosqlite's own sqlite3 connection, used on its own thread
@@ -511,7 +557,7 @@ class SQLiteStorage:
                 raise
 
         fast = self._fast
-        if fast is not None and not self._lock.locked():
+        if fast is not None and not threaded and not self._lock.locked():
             # the hot path: a short transaction right here, no thread hand-off;
             # if another connection holds the write lock, take the threaded path
             try:
@@ -550,11 +596,74 @@ class SQLiteStorage:
             if want < 0:
                 raise ValueError("a cost cannot be negative")
             wants.append(want)
-        out = await self._in_thread_tx(_charge_batch_sync, items, wants, _now())
+        now = _now()
+        # The usual batch: every charge fits in what this process knows its
+        # leases still hold, so the outcome is known without reading a row --
+        # each is taken whole from its lease.  It is made durable as rows of
+        # the charge queue (one append to an index-less table: a commit writes
+        # a page or two, not the dozen that the ledger, usage, holds, users and
+        # keys rows with their indexes take), and applied to those tables in
+        # bulk, by any process, before any write and before any read of
+        # balances, ledger or usage (_fold_sync): no reader sees it missing.
+        room = self._lease_room
+        plan: dict[str, int] = {}
+        for (lease_id, _, record, _), want in zip(items, wants):
+            r = room.get(lease_id)
+            left = plan.get(lease_id, r[0] if r is not None else -1)
+            if r is None or want > left or record.user_id != r[1]:
+                break
+            plan[lease_id] = left - want
+        else:
+            rows = [(lease_id, want, kind, now, *_usage_row(record, want, 0, now))
+                    for (lease_id, _, record, kind), want in zip(items, wants)]
+            await self._in_thread_tx(_queue_sync, rows, fold=False)
+            for lease_id, left in plan.items():
+                room[lease_id][0] = left
+            self._queued += len(rows)
+            self._fold_later()
+            return [(from_micro(w), from_micro(w)) for w in wants]
+        # otherwise the exact path (a lease seen for the first time, or one
+        # running short): the queue applied, then this batch, by reading rows
+        out, amounts = await self._in_thread_tx(_charge_batch_sync, items, wants, now)
+        for (lease_id, _, record, _) in items:
+            if lease_id in amounts:
+                room[lease_id] = [amounts[lease_id], record.user_id]
         return [(from_micro(c), from_micro(f)) for c, f in out]
+
+    # the queue is applied at least this often, and at once past this many charges
+    fold_every: float = 0.1
+    fold_after: int = 512
+
+    def _fold_later(self) -> None:
+        if self._queued >= self.fold_after:
+            self._fold_now()
+        elif self._fold_timer is None:
+            self._fold_timer = asyncio.get_running_loop().call_later(self.fold_every, self._fold_now)
+
+    def _fold_now(self) -> None:
+        if self._fold_timer is not None:
+            self._fold_timer.cancel()
+            self._fold_timer = None
+        if self._folder is None or self._folder.done():
+            self._folder = asyncio.get_running_loop().create_task(self._fold())
+
+    async def _fold(self) -> None:
+        n, self._queued = self._queued, 0
+        try:
+            # on aiosqlite's thread: the loop goes on serving meanwhile
+            await self._in_thread_tx(_nothing, threaded=True)
+        except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
+            self._queued += n
+            log.warning("storage.fold_failed", error=f"{type(exc).__name__}: {exc}")
+            if self._fold_timer is None and self._db is not None:
+                self._fold_timer = asyncio.get_running_loop().call_later(1.0, self._fold_now)
+            return
+        if self._queued and self._db is not None:
+            self._fold_later()  # queued while this fold ran
 
     async def release(self, hold_id: str, *, record: UsageRecord | None = None) -> bool:
         """Cancel the hold with no charge (writing ``record`` at cost 0)."""
+        self._lease_room.pop(hold_id, None)
         return bool(await self._in_thread_tx(_release_sync, hold_id, record, _now()))
 
     @staticmethod
@@ -564,6 +673,7 @@ class SQLiteStorage:
             await db.execute("UPDATE api_keys SET held = held - ? WHERE id = ?", (h["amount"], h["key_id"]))
 
     async def open_holds(self) -> int:
+        await self._caught_up()
         return int((await self._read("SELECT COUNT(*) FROM holds WHERE state = 'open'"))[0][0])
 
     async def release_stale_holds(self, older_than: dt.datetime) -> int:
@@ -672,6 +782,7 @@ class SQLiteStorage:
     async def list_usage(self, *, user_name: str | None = None, since: dt.datetime | None = None,
                          limit: int = 1000) -> list[UsageRecord]:
         """Usage records, newest first."""
+        await self._caught_up()
         rows = await self._read(
             "SELECT g.* FROM usage g JOIN users u ON u.id = g.user_id"
             " WHERE (:n IS NULL OR u.name = :n) AND (:s IS NULL OR g.created_at >= :s)"
@@ -680,10 +791,12 @@ class SQLiteStorage:
         return [self._usage(r) for r in rows]
 
     async def get_usage(self, request_id: str) -> StoredUsageRecord | None:
+        await self._caught_up()
         rows = await self._read("SELECT * FROM usage WHERE request_id = ?", (request_id,))
         return self._usage(rows[0]) if rows else None
 
     async def ledger(self, user_id: int) -> list[LedgerEntry]:
+        await self._caught_up()
         rows = await self._read("SELECT * FROM ledger WHERE user_id = ? ORDER BY id", (user_id,))
         return [LedgerEntry(id=r["id"], user_id=r["user_id"], amount=from_micro(r["amount"]), kind=r["kind"],
                             reference=r["reference"], balance_after=from_micro(r["balance_after"]), note=r["note"],
@@ -803,7 +916,7 @@ def _release_sync(conn: sqlite3.Connection, hold_id: str, record: UsageRecord | 
         conn.execute("UPDATE api_keys SET held = held - ? WHERE id = ?", (h["amount"], h["key_id"]))
     if record is not None:
         try:
-            conn.execute(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})",
+            conn.execute(_INSERT_USAGE,
                          _usage_row(record, 0, 0, now))
         except sqlite3.IntegrityError:
             raise ValueError(f"request {record.request_id!r} already has a usage record") from None
@@ -817,32 +930,78 @@ def _usage_row(r: UsageRecord, cost: int, unpaid: int, now: str) -> tuple[Any, .
 
 
 def _charge_batch_sync(conn: sqlite3.Connection, items: list[tuple[str, Decimal, UsageRecord, str]], wants: list[int],
-                       now: str) -> list[tuple[int, int]]:
-    """The body of ``SQLiteStorage.charge_batch`` (runs on the database thread)."""
-    lease_ids = sorted({i[0] for i in items})
+                       now: str) -> tuple[list[tuple[int, int]], dict[str, int]]:
+    """The body of ``SQLiteStorage.charge_batch``'s exact path: the charges
+    and, per lease, the amount it still holds afterwards."""
+    entries = []
+    for (lease_id, _, record, kind), want in zip(items, wants):
+        entries.append((lease_id, want, kind, now, _usage_row(record, want, 0, now)))
+    return _apply_charges(conn, entries, strict=True)
+
+
+# a usage row's cost and unpaid columns
+_COST, _UNPAID = _USAGE_COLS.index("cost"), _USAGE_COLS.index("unpaid")
+
+
+def _apply_charges(conn: sqlite3.Connection, entries: list[tuple[str, int, str, str, tuple[Any, ...]]],
+                   strict: bool) -> tuple[list[tuple[int, int]], dict[str, int]]:
+    """Charge each entry ``(lease_id, want, kind, at, usage_row)`` by the money
+    rule of ``charge_lease``, writing its ledger row (dated ``at``) and its usage
+    row (cost ``want``, the shortfall as unpaid).  Returns per entry (charged,
+    taken from the lease) and per open lease its amount afterwards.
+
+    ``strict`` (a live batch): a lease that is not open, a record of another
+    user than its lease or a request already charged raise ValueError, and the
+    caller retries item by item.  Not strict (folding the charge queue, where
+    nobody is left to retry): a charge whose lease was released meanwhile is
+    taken from the free balance alone, and a request already charged is
+    skipped -- a charge is applied exactly once, never dropped."""
+    lease_ids = sorted({e[0] for e in entries})
     leases = {r["id"]: dict(r) for r in _rows(
         conn, f"SELECT id, user_id, key_id, amount FROM holds WHERE state = 'open' AND id IN ({', '.join('?' * len(lease_ids))})",
         lease_ids)}
-    missing = [x for x in lease_ids if x not in leases]
-    if missing:
+    skip: set[int] = set()
+    if not strict:
+        seen: set[str] = set()
+        ids = sorted({e[4][0] for e in entries})
+        done = {r[0] for r in _rows(conn, f"SELECT request_id FROM usage WHERE request_id IN ({', '.join('?' * len(ids))})", ids)}
+        for n, e in enumerate(entries):
+            rid = e[4][0]
+            if rid in done or rid in seen:
+                skip.add(n)
+            seen.add(rid)
+    elif len(leases) != len(lease_ids):
+        missing = [x for x in lease_ids if x not in leases]
         raise ValueError(f"lease {missing[0]!r} is not open")
-    uids = sorted({h["user_id"] for h in leases.values()})
+    # a lease gone (released by the stale-hold sweeper): nothing left to take from it
+    gone = {e[0]: {"amount": 0, "user_id": e[4][1], "key_id": e[4][2]} for e in entries if e[0] not in leases}
+    owners = [leases.get(e[0]) or gone[e[0]] for e in entries]
+    uids = sorted({h["user_id"] for h in owners})
     users = {r["id"]: dict(r) for r in _rows(
         conn, f"SELECT id, balance, held FROM users WHERE id IN ({', '.join('?' * len(uids))})", uids)}
-    kids = sorted({h["key_id"] for h in leases.values() if h["key_id"] is not None})
+    kids = sorted({h["key_id"] for h in owners if h["key_id"] is not None})
     keys = {r["id"]: dict(r) for r in _rows(
         conn, f"SELECT id, spent, held, max_spend FROM api_keys WHERE id IN ({', '.join('?' * len(kids))})", kids)} if kids else {}
     ledger_rows, usage_rows, out = [], [], []
-    for (lease_id, _, record, kind), want in zip(items, wants):
-        h = leases[lease_id]
-        u = users[h["user_id"]]
-        if record.user_id != h["user_id"]:
-            raise ValueError("the usage record belongs to another user than the lease")
+    for n, ((_, want, kind, at, row), h) in enumerate(zip(entries, owners)):
+        if n in skip:
+            out.append((0, 0))
+            continue
+        if row[1] != h["user_id"]:
+            if strict:
+                raise ValueError("the usage record belongs to another user than the lease")
+            h = {"amount": 0, "user_id": row[1], "key_id": row[2]}  # cannot happen (checked when queued)
+        u = users.get(h["user_id"])
+        if u is None:  # cannot happen (users are never deleted): keep the queue moving
+            out.append((0, 0))
+            continue
         k = keys.get(h["key_id"]) if h["key_id"] is not None else None
         charge, from_lease = charge_lease(h, u, k, want)
         if charge:
-            ledger_rows.append((h["user_id"], -charge, kind, record.request_id, u["balance"], record.model, now))
-        usage_rows.append(_usage_row(record, want, want - charge, now))
+            ledger_rows.append((h["user_id"], -charge, kind, row[0], u["balance"], row[3], at))
+        if charge != want or row[_UNPAID] != 0 or row[_COST] != want:
+            row = (*row[:_COST], want, want - charge, *row[_UNPAID + 1:])
+        usage_rows.append(row)
         out.append((charge, from_lease))
     conn.executemany("UPDATE holds SET amount = ? WHERE id = ?", [(h["amount"], i) for i, h in leases.items()])
     conn.executemany("UPDATE users SET balance = ?, held = ? WHERE id = ?", [(u["balance"], u["held"], i) for i, u in users.items()])
@@ -852,7 +1011,42 @@ def _charge_batch_sync(conn: sqlite3.Connection, items: list[tuple[str, Decimal,
         if ledger_rows:
             conn.executemany("INSERT INTO ledger (user_id, amount, kind, reference, balance_after, note, created_at)"
                              " VALUES (?, ?, ?, ?, ?, ?, ?)", ledger_rows)
-        conn.executemany(f"INSERT INTO usage ({', '.join(_USAGE_COLS)}) VALUES ({', '.join('?' * len(_USAGE_COLS))})", usage_rows)
+        conn.executemany(_INSERT_USAGE, usage_rows)
     except sqlite3.IntegrityError:
         raise ValueError("a request in the batch was already charged") from None
-    return out
+    return out, {i: h["amount"] for i, h in leases.items()}
+
+
+# ---------------------------------------------------------------- charge queue
+
+_QUEUE_COLS = ("lease_id", "want", "kind", "queued_at", *_USAGE_COLS)
+_INSERT_QUEUE = f"INSERT INTO charge_queue ({', '.join(_QUEUE_COLS)}) VALUES ({', '.join('?' * len(_QUEUE_COLS))})"
+_FOLD_CHUNK = 2000
+
+
+def _queue_sync(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(_INSERT_QUEUE, rows)
+
+
+def _fold_sync(conn: sqlite3.Connection) -> int:
+    """Apply every queued charge, oldest first, and empty the queue (inside
+    the caller's transaction).  Returns how many were applied."""
+    total = 0
+    while True:
+        rows = conn.execute(f"SELECT id, {', '.join(_QUEUE_COLS)} FROM charge_queue ORDER BY id LIMIT {_FOLD_CHUNK}").fetchall()
+        if not rows:
+            return total
+        _apply_charges(conn, [(r[1], r[2], r[3], r[4], tuple(r)[5:]) for r in rows], strict=False)
+        conn.execute("DELETE FROM charge_queue WHERE id <= ?", (rows[-1][0],))
+        total += len(rows)
+
+
+def _after_fold(fn: Any) -> Any:
+    def run(conn: sqlite3.Connection, *args: Any) -> Any:
+        _fold_sync(conn)
+        return fn(conn, *args)
+    return run
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A transaction whose only work is the fold before it."""
