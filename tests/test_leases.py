@@ -173,3 +173,61 @@ async def test_a_lease_released_under_a_request_still_charges(store):
     user = await store.get_user("gus")
     assert user.balance == D("1") - D("0.006") and user.held == 0 and await store.open_holds() == 0
     assert sorted(e.reference for e in await store.ledger(u.id) if e.kind == "charge") == ["g1", "g2"]
+
+
+async def test_leases_grow_while_they_run_out_fast_and_stay_within_the_balance(tmp_path):
+    """A lease that runs out within a second is followed by a 4x larger one,
+    up to 16x lease_multiple; a balance too small for the larger size gets the
+    plain size, then exactly one estimate; an idle group starts small again."""
+    class Recording(SQLiteStorage):  # the real backend, noting what each lease asked for
+        sizes: list[tuple[Decimal, bool]] = []
+
+        async def hold(self, hold_id, *, user_id, key_id, amount):
+            ok = await super().hold(hold_id, user_id=user_id, key_id=key_id, amount=amount)
+            self.sizes.append((amount, ok))
+            return ok
+
+    store = Recording("sqlite:///grow.db", tmp_path)
+    await store.open()
+    u = await store.create_user("gil", D("10"))
+    key = await make_key(store, u.id)
+    b = LeaseBilling(store, lease_multiple=2)
+
+    def lease_sizes() -> list[Decimal]:
+        return [a for a, ok in store.sizes if ok]
+
+    n = 0
+
+    async def spend(times: int) -> None:
+        nonlocal n
+        for _ in range(times):
+            n += 1
+            h = await reserve(b, f"g{n}", u.id, key)  # an estimate of $0.03
+            await b.settle(h, scheme=SCHEME, usage=ir.Usage(input_tokens=1000, output_tokens=1000), record=rec(f"g{n}", u.id))
+
+    await spend(2 + 8 + 32 + 32 + 32)
+    await b.flush()
+    # 2, 8, 32 estimates, then at most 2 x 16 = 32 per lease
+    assert lease_sizes()[:5] == [D("0.06"), D("0.24"), D("0.96"), D("0.96"), D("0.96")]
+    user = await store.get_user("gil")
+    assert user.balance == D("10") - n * D("0.03") and user.held == 0 and await ledger_sum(store, u.id) == user.balance
+    # idle (flush released every lease): the group starts at 2 estimates again
+    await spend(1)
+    assert lease_sizes()[-1] == D("0.06")
+    await b.flush()
+    # a balance too small for 32 estimates ($0.96): 2 estimates, then exactly 1, and every request served
+    u2 = await store.create_user("hank", D("0.30"))
+    key2 = await make_key(store, u2.id, kid="key_b")
+    b2 = LeaseBilling(store, lease_multiple=2)
+    for i in range(10):
+        h = await reserve(b2, f"h{i}", u2.id, key2)
+        await b2.settle(h, scheme=SCHEME, usage=ir.Usage(input_tokens=1000, output_tokens=1000), record=rec(f"h{i}", u2.id, "key_b"))
+    with pytest.raises(ProxyError):
+        await reserve(b2, "h-last", u2.id, key2)
+    await b2.flush()
+    user2 = await store.get_user("hank")
+    assert user2.balance == 0 and user2.held == 0 and await ledger_sum(store, u2.id) == 0
+    # 2 then 8 estimates served all ten; the eleventh asked 32, 2, then exactly 1, refused each time
+    assert store.sizes[-5:] == [(D("0.06"), True), (D("0.24"), True), (D("0.96"), False), (D("0.06"), False),
+                                (D("0.03"), False)]
+    await store.close()

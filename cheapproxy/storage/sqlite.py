@@ -632,7 +632,7 @@ class SQLiteStorage:
 
     # the queue is applied at least this often, and at once past this many charges
     fold_every: float = 0.1
-    fold_after: int = 512
+    fold_after: int = 256
 
     def _fold_later(self) -> None:
         if self._queued >= self.fold_after:
@@ -651,7 +651,7 @@ class SQLiteStorage:
         n, self._queued = self._queued, 0
         try:
             # on aiosqlite's thread: the loop goes on serving meanwhile
-            await self._in_thread_tx(_nothing, threaded=True)
+            await self._in_thread_tx(_nothing)
         except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
             self._queued += n
             log.warning("storage.fold_failed", error=f"{type(exc).__name__}: {exc}")
