@@ -1021,7 +1021,7 @@ def _apply_charges(conn: sqlite3.Connection, entries: list[tuple[str, int, str, 
 
 _QUEUE_COLS = ("lease_id", "want", "kind", "queued_at", *_USAGE_COLS)
 _INSERT_QUEUE = f"INSERT INTO charge_queue ({', '.join(_QUEUE_COLS)}) VALUES ({', '.join('?' * len(_QUEUE_COLS))})"
-_FOLD_CHUNK = 2000
+_FOLD_CHUNK = 500  # rows per statement; an IN list of 500 ids stays under old SQLite's 999 variables
 
 
 def _queue_sync(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
