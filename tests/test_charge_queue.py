@@ -279,3 +279,24 @@ async def test_queue_and_exact_path_give_the_same_books(tmp_path):
         }
 
     assert await books("queued", True) == await books("exact", False)
+
+
+async def test_a_long_queue_is_applied_in_chunks(tmp_path):
+    s = SQLiteStorage("sqlite:///q.db", tmp_path)
+    s.fold_every, s.fold_after = 3600, 10**9  # nothing applies it but the read below
+    await s.open()
+    try:
+        u = await s.create_user("ivy", D("100"))
+        assert await s.hold("L", user_id=u.id, key_id=None, amount=D("50"))
+        await s.charge_batch([("L", D("0.01"), rec("first", u.id, None), "charge")])
+        for b in range(11):
+            await s.charge_batch([("L", D("0.000003"), rec(f"c{b}-{i}", u.id, None), "charge") for i in range(100)])
+        assert queued(tmp_path / "q.db") == 1100  # more than two chunks of 500
+        user = await s.get_user("ivy")
+        assert queued(tmp_path / "q.db") == 0
+        assert user.balance == D("100") - D("0.01") - 1100 * D("0.000003") and user.held == D("50") - (D("100") - user.balance)
+        ledger = await s.ledger(u.id)
+        assert len(ledger) == 1102 and await ledger_sum(s, u.id) == user.balance
+        assert [e.balance_after for e in ledger][-1] == user.balance
+    finally:
+        await s.close()
