@@ -650,7 +650,8 @@ class SQLiteStorage:
     async def _fold(self) -> None:
         n, self._queued = self._queued, 0
         try:
-            # on aiosqlite's thread: the loop goes on serving meanwhile
+            # on the loop's own connection (in aiosqlite's thread the fold
+            # fought the loop for the GIL and stalled requests longer)
             await self._in_thread_tx(_nothing)
         except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
             self._queued += n
