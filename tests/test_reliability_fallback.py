@@ -40,7 +40,9 @@ async def test_failure_before_first_byte_falls_over_and_is_charged_once(gateway,
     a = {"500": Fault(kind="status", status=500), "429": Fault(kind="status", status=429, retry_after="30"),
          "stall": Fault(kind="stall_headers"), "refused": Fault()}[failure]
     gw, fa, fb = await two(gateway, faults, protocol, a=a, routing="retries = 0\n",
-                           a_opts={"first_byte_timeout": 0.2} if failure == "stall" else None)
+                           # 0.5 s: with 0.2 s a loaded CI machine once timed the attempt out
+                           # before the fault upstream (on the same loop) had read it
+                           a_opts={"first_byte_timeout": 0.5} if failure == "stall" else None)
     if failure == "refused":  # nothing listens there: connection refused
         await fa.close()
     status, raw, headers = await post(gw, protocol, body_for(protocol, "m", stream=stream))
