@@ -262,8 +262,9 @@ def _with_request_id(handler: Callable[[web.Request], Any]) -> Callable[[web.Req
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID_KEY)
-    if rid:
-        response.headers["x-request-id"] = rid
+    if not rid:  # no route matched (aiohttp's own 404 / 405): every response carries one
+        rid = request[REQUEST_ID_KEY] = new_request_id()
+    response.headers["x-request-id"] = rid
 
 
 def make_app(config: Config, registry: Registry, *, storage: Any = None) -> web.Application:

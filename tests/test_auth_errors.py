@@ -241,6 +241,11 @@ async def test_model_lists_and_info_and_health(env):
             assert r.status == 200 and r.headers["x-request-id"]
         async with s.get(gw.url + "/") as r:
             assert (await r.json())["name"] == "cheapproxy"
+        # no route: aiohttp answers, and the answer still carries a request id
+        async with s.get(gw.url + "/no/such/route") as r:
+            assert r.status == 404 and r.headers["x-request-id"].startswith("req_")
+        async with s.delete(gw.url + "/health") as r:
+            assert r.status == 405 and r.headers["x-request-id"].startswith("req_")
 
 
 async def test_no_secret_in_logs(env):
