@@ -271,6 +271,10 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
     raw_ctype = resp.raw.header(b"content-type")  # no header mapping built
     ctype = raw_ctype.decode("latin-1") if raw_ctype else "text/event-stream"
     proxy.register_stream(resp)
+    # for the estimate of a stream cut short (the bytes are not decoded): the
+    # bytes sent since output began, and the mean frame size of the first read
+    # with output -- an upstream sends about one token per delta frame
+    sent = frame_size = 0
     try:
         try:
             while True:
@@ -293,6 +297,11 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                     await sink.finish()
                     break
                 data = tap.feed(chunk)
+                if tap.output_seen:
+                    if not frame_size:
+                        frames = data.count(b"\n\n") or data.count(b"\r\n\r\n")
+                        frame_size = len(data) // frames if frames else 0
+                    sent += len(data)
                 if sink.out is None:
                     await sink.start(ctype)
                 await sink.write(data)
@@ -312,7 +321,8 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
         call.usage = tap.usage
         call.usage_complete = tap.complete
         if tap.output_seen:
-            call.output_chars = max(call.output_chars, 1)
+            # about a token per frame sent (4 characters make a token in the estimate)
+            call.output_chars = max(call.output_chars, 4 * (sent // frame_size) if frame_size else 0, 1)
         if tap.error_message and call.status == "ok":
             call.status, call.error = "incomplete", tap.error_message
         proxy.streams.discard(resp)
