@@ -20,11 +20,12 @@ import math
 import re
 import secrets
 from decimal import ROUND_DOWN, Decimal
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from .errors import ProxyError
+from .events import BalanceChanged
 from .storage.base import InsufficientBalance, Storage, User
 from .storage.records import IdempotentReplay, IdempotentWrite
 
@@ -80,9 +81,11 @@ def _valid_idempotency_key(key: str) -> bool:
     return 0 < len(key) <= 255 and all(32 < ord(c) < 127 for c in key)
 
 
-async def do_transfer(storage: Storage, *, sender: User, body: Any,
-                      idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
-    """Validate and execute a transfer; returns (HTTP status, JSON body)."""
+async def do_transfer(storage: Storage, *, sender: User, body: Any, idempotency_key: str | None,
+                      emit: Callable[[Any], None] | None = None) -> tuple[int, dict[str, Any]]:
+    """Validate and execute a transfer; returns (HTTP status, JSON body).
+    ``emit`` gets a ``BalanceChanged`` event per side of a transfer made (not
+    of a refused one, nor of an idempotent replay)."""
     if not isinstance(body, dict):
         return _fail(400, "The body must be a JSON object with toUsername and amount")
     to_name = body.get("toUsername")
@@ -130,4 +133,7 @@ async def do_transfer(storage: Storage, *, sender: User, body: Any,
         return replay.status, orjson.loads(replay.body)
     except ValueError as exc:  # e.g. the receiver's balance would pass the maximum
         return _fail(400, f"Transfer refused: {exc}")
+    if emit is not None:
+        emit(BalanceChanged(user_id=sender.id, amount=-amount, kind="transfer_out"))
+        emit(BalanceChanged(user_id=recipient.id, amount=amount, kind="transfer_in"))
     return 200, success(sb, rb)

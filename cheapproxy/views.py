@@ -128,7 +128,7 @@ async def transfer(request: web.Request) -> web.Response:
     if sender is None:
         return _json({"success": False, "error": "Unauthorized"}, status=401)
     status, payload = await do_transfer(proxy.storage, sender=sender, body=body,
-                                        idempotency_key=request.headers.get("Idempotency-Key"))
+                                        idempotency_key=request.headers.get("Idempotency-Key"), emit=proxy.emit)
     return _json(payload, status=status)
 
 

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from cheapproxy import hookimpl
 from cheapproxy.errors import ConfigError, StartupError
-from cheapproxy.events import CallFinished, RequestRejected
+from cheapproxy.events import BalanceChanged, CallFinished, RequestRejected
 from cheapproxy.registry import build_registry
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -298,6 +298,17 @@ async def test_hook_track_event(gateway):
     status, _, _ = await post(gw, "/v1/messages", {"model": "demo", "max_tokens": 5, "messages": []}, "cp-wrong")
     assert status == 401
     await _until(lambda: any(e.type == "request_rejected" for e, _ in seen))
+
+    # a transfer: one balance_changed per side (a refused one: none)
+    bob = await gw.storage.create_user("bob-hooks", Decimal(0))
+    status, body, _ = await post(gw, "/api/user/transfer", {"toUsername": "bob-hooks", "amount": "1.25"}, gw.key)
+    assert status == 200, body
+    status, _, _ = await post(gw, "/api/user/transfer", {"toUsername": "bob-hooks", "amount": "999999"}, gw.key)
+    assert status == 400
+    await _until(lambda: sum(e.type == "balance_changed" for e, _ in seen) == 2)
+    me = await gw.storage.get_user(gw.user)
+    changes = sorted((e.user_id, e.amount, e.kind) for e, _ in seen if isinstance(e, BalanceChanged))
+    assert changes == sorted([(me.id, Decimal("-1.25"), "transfer_out"), (bob.id, Decimal("1.25"), "transfer_in")])
     rejected = [e for e, _ in seen if e.type == "request_rejected"]
     assert rejected == [RequestRejected(protocol="anthropic-messages", http_status=401, kind="authentication")]
     assert mod.totals == {"demo": expected}
