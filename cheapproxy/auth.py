@@ -77,6 +77,7 @@ class KeyCache:
         self._version: int | None = None
         self._checked = 0.0
         self._lock = asyncio.Lock()
+        self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}  # key reads in flight
 
     async def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -101,7 +102,15 @@ class KeyCache:
             return rec if hmac.compare_digest(rec.key_hash, digest) else None
         if digest in self._neg and time.monotonic() - self._neg[digest] < self.refresh_seconds:
             return None
-        rec = await self.storage.get_key_by_hash(digest)
+        # one database read per key however many requests ask at once (the
+        # first burst after a start would read it once per request); the read
+        # is a task of its own, so a caller that goes away does not cancel it
+        # for the others
+        task = self._loading.get(digest)
+        if task is None:
+            task = self._loading[digest] = asyncio.ensure_future(self.storage.get_key_by_hash(digest))
+            task.add_done_callback(lambda _t, d=digest: self._loading.pop(d, None))
+        rec = await asyncio.shield(task)
         if rec is None:
             if len(self._neg) >= self._negative_max:
                 self._neg.clear()

@@ -258,3 +258,35 @@ async def test_no_secret_in_logs(env):
     assert any(e.get("event") == "request.finished" and e.get("key_id") == gw.key_id for e in logs)
     text = json.dumps(logs, default=str)
     assert gw.key not in text and "upstream-secret" not in text and "cp-wrong-key-0123456789" not in text
+
+
+async def test_a_burst_of_requests_with_a_new_key_reads_it_once(tmp_path):
+    """KeyCache: concurrent lookups of a key not yet cached share one database
+    read; a caller cancelled meanwhile does not cancel it for the others."""
+    from cheapproxy.auth import KeyCache
+    from cheapproxy.storage.base import KeyRecord
+
+    class Counting(SQLiteStorage):  # the real backend, counting key reads
+        reads = 0
+
+        async def get_key_by_hash(self, key_hash):
+            type(self).reads += 1
+            await asyncio.sleep(0.05)  # a slow read: every caller arrives while it runs
+            return await super().get_key_by_hash(key_hash)
+
+    s = Counting("sqlite:///k.db", tmp_path)
+    await s.open()
+    try:
+        u = await s.create_user("kay", 1)
+        await s.create_key(KeyRecord(id="k1", user_id=u.id, key_hash=hash_key("cp-secret-one")))
+        cache = KeyCache(s)
+        first = asyncio.ensure_future(cache.lookup("cp-secret-one"))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        found = await asyncio.gather(*(cache.lookup("cp-secret-one") for _ in range(16)),
+                                     *(cache.lookup("cp-unknown") for _ in range(4)))
+        assert [r.id for r in found[:16]] == ["k1"] * 16 and found[16:] == [None] * 4
+        assert Counting.reads == 2  # one per key, the cancelled caller's read shared
+        assert await cache.lookup("cp-secret-one") is found[0] and Counting.reads == 2
+    finally:
+        await s.close()
