@@ -161,8 +161,8 @@ class LeaseBilling(Billing):
             # 64 estimates last a few milliseconds)
             multiple = min(multiple * 4, self.lease_multiple * self.lease_max_growth)
         self._multiple[group] = multiple
-        sizes = [need * multiple, need * self.lease_multiple, need] if multiple > self.lease_multiple else [
-            need * multiple, need]
+        # the grown size, the plain one, exactly one estimate (each once)
+        sizes = list(dict.fromkeys((need * multiple, need * self.lease_multiple, need)))
         for amount in sizes if need > 0 else [Decimal("0.000001")]:
             lid = "lease_" + secrets.token_hex(12)
             if await self.storage.hold(lid, user_id=user_id, key_id=key_id, amount=amount):

@@ -286,6 +286,17 @@ class StringSlot:
         return ok
 
 
+def load_data(raw: bytes) -> Any:
+    """``orjson.loads`` of a frame's data as bytes (``SSEParser.feed_raw``).
+    orjson refuses invalid UTF-8 in bytes, so such data is read as text with
+    U+FFFD for the bad bytes, as ``SSEParser.feed`` gives it.  Raises
+    ``orjson.JSONDecodeError`` for data that is not JSON."""
+    try:
+        return _loads(raw)
+    except _JSONDecodeError:
+        return _loads(raw.decode("utf-8", errors="replace"))
+
+
 def encode_frame(data: bytes | str, event: str | None = None, *, crlf: bool = False) -> bytes:
     """One SSE frame.  ``data`` must not contain newlines (JSON from orjson does not)."""
     if isinstance(data, str):

@@ -9,6 +9,7 @@ duplicate or a second process."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 import sqlite3
 import subprocess
@@ -122,8 +123,7 @@ async def test_queued_charges_survive_a_crash(tmp_path):
         assert len(charges) == 91 and {e.reference for e in charges} >= {"q0-0", "q29-2"}
         assert await ledger_sum(s, user.id) == user.balance
         assert len(await s.list_usage()) == 91
-        assert await s.release_stale_holds(older_than=__import__("datetime").datetime.now(
-            __import__("datetime").timezone.utc) + __import__("datetime").timedelta(seconds=1)) == 1
+        assert await s.release_stale_holds(older_than=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)) == 1
         user = await s.get_user("carol")
         assert (user.balance, user.held) == (D("4.9"), D(0))
     finally:
@@ -139,7 +139,6 @@ async def test_a_lease_released_under_a_queued_charge_charges_the_free_balance(t
     await a.open()
     await b.open()
     try:
-        import datetime as dt
         u = await a.create_user("dave", D("1.00"))
         key = await make_key(a, u.id)
         assert await a.hold("L", user_id=u.id, key_id=key.id, amount=D("0.30"))

@@ -609,8 +609,10 @@ class SQLiteStorage:
         plan: dict[str, int] = {}
         for (lease_id, _, record, _), want in zip(items, wants):
             r = room.get(lease_id)
-            left = plan.get(lease_id, r[0] if r is not None else -1)
-            if r is None or want > left or record.user_id != r[1]:
+            if r is None or record.user_id != r[1]:
+                break
+            left = plan.get(lease_id, r[0])
+            if want > left:
                 break
             plan[lease_id] = left - want
         else:

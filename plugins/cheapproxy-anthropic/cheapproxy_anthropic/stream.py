@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser, StringSlot
+from cheapproxy.sse import SSEParser, StringSlot, load_data
 
 from .common import (
     NAME, error_status_type, sanitize_tool_id, signature_to_wire, stop_from_wire, stop_to_wire,
@@ -19,7 +19,6 @@ from .common import (
 from .response import new_message_id
 
 _dumps = orjson.dumps
-_loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
 _TEXT_PATH = ("delta", "text")
@@ -283,16 +282,11 @@ class MessagesStreamDecoder(StreamDecoder):
         if self.done or not raw or event == "ping":
             return
         try:
-            obj = _loads(raw)
+            obj = load_data(raw)
         except _JSONDecodeError:
-            # orjson refuses invalid UTF-8 in bytes: read it as text with U+FFFD
-            # for the bad bytes, as SSEParser.feed gives it
-            try:
-                obj = _loads(raw.decode("utf-8", errors="replace"))
-            except _JSONDecodeError:
-                self.done = True
-                events.append(ir.StreamError(message=f"{NAME} upstream sent invalid JSON in its stream"))
-                return
+            self.done = True
+            events.append(ir.StreamError(message=f"{NAME} upstream sent invalid JSON in its stream"))
+            return
         if type(obj) is not dict:
             return
         t = obj.get("type") or event

@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser, StringSlot
+from cheapproxy.sse import SSEParser, StringSlot, load_data
 
 from .common import (
     NAME,
@@ -27,7 +27,6 @@ from .encode import completion_id, legacy_functions
 DONE = b"data: [DONE]\n\n"
 
 _dumps = orjson.dumps
-_loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
 _CONTENT_PATH = ("choices", 0, "delta", "content")
@@ -402,16 +401,11 @@ class ChatStreamDecoder(StreamDecoder):
             self._finish(out)
             return
         try:
-            obj = _loads(raw)
+            obj = load_data(raw)
         except _JSONDecodeError:
-            # orjson refuses invalid UTF-8 in bytes: read it as text with U+FFFD
-            # for the bad bytes, as SSEParser.feed gives it
-            try:
-                obj = _loads(raw.decode("utf-8", errors="replace"))
-            except _JSONDecodeError:
-                self.failed = True
-                out.append(ir.StreamError(message="the upstream sent a malformed stream chunk"))
-                return
+            self.failed = True
+            out.append(ir.StreamError(message="the upstream sent a malformed stream chunk"))
+            return
         if type(obj) is not dict:
             return
         err = obj.get("error")
@@ -439,14 +433,10 @@ class ChatStreamDecoder(StreamDecoder):
             content = None if self.done or self.failed else match(raw)
             if content is None:
                 self._frame(raw, out)
-            elif content:
+            else:
                 # the bytes of a learned text chunk around another content
-                # string: what _frame -> _chunk -> _content do with it, inline
-                opened = self.open
-                if opened is not None and opened[0] == "text":
-                    out.append(_TextDelta(opened[1], content))
-                else:
-                    self._text("text", content, out)
+                # string: what _frame -> _text_chunk does with it, unparsed
+                self._content(content, out)
         return out
 
     def close(self) -> list[ir.StreamEvent]:
