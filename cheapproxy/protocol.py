@@ -132,6 +132,11 @@ class Passthrough:
     complete: bool = False
     output_seen: bool = False
     error_message: str | None = None  # an in-stream error event went by
+    #: the protocol's terminal event went by (OpenAI's ``[DONE]``, Anthropic's
+    #: ``message_stop``): nothing after it is for the client, so the relay
+    #: ends the response with the bytes of this read.  Left False by taps
+    #: whose "complete" is not the last byte (Gemini's finishReason)
+    ended: bool = False
 
     def feed(self, chunk: bytes) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError

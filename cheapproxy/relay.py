@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from . import ir
+from . import h1, ir
 from .errors import ProxyError, UpstreamError
 from .protocol import EncodeContext, Passthrough
 from .sse import SSE_HEADERS
@@ -182,6 +182,8 @@ class _EventStreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+_SAMPLE = 4096  # bytes of a stream's first output read kept to size its frames
+
 _FRAMING = 8192  # room for what a write adds: chunk framing, and the response head on the first one
 
 
@@ -234,15 +236,16 @@ class Sink:
         except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
             raise ClientGone() from exc
 
-    async def finish(self) -> None:
+    async def finish(self, data: bytes = b"") -> None:
+        """End the response, with ``data`` as its last bytes (one write)."""
         if self.out is None:
             return
         try:
-            if self._cannot_block(0):
-                await self.out.write_eof()
+            if self._cannot_block(len(data)):
+                await self.out.write_eof(data)
                 return
             async with asyncio.timeout(self.send_timeout):
-                await self.out.write_eof()
+                await self.out.write_eof(data)
         except (TimeoutError, ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
             raise ClientGone() from exc
 
@@ -272,9 +275,12 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
     ctype = raw_ctype.decode("latin-1") if raw_ctype else "text/event-stream"
     proxy.register_stream(resp)
     # for the estimate of a stream cut short (the bytes are not decoded): the
-    # bytes sent since output began, and the mean frame size of the first read
-    # with output -- an upstream sends about one token per delta frame
-    sent = frame_size = 0
+    # bytes sent since output began, and the mean frame size in the start of
+    # the first read with output -- an upstream sends about one token per delta
+    # frame (counted only when needed: a count over a whole read costs more
+    # than the rest of the relay's work on it)
+    sent = 0
+    sample = b""
     try:
         try:
             while True:
@@ -298,12 +304,18 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                     break
                 data = tap.feed(chunk)
                 if tap.output_seen:
-                    if not frame_size:
-                        frames = data.count(b"\n\n") or data.count(b"\r\n\r\n")
-                        frame_size = len(data) // frames if frames else 0
+                    if not sample:
+                        sample = data[:_SAMPLE]
                     sent += len(data)
                 if sink.out is None:
                     await sink.start(ctype)
+                if tap.ended:
+                    # the end marker went by: this read and the end of the
+                    # response leave in one write (usually the whole stream,
+                    # head included, is one), then the upstream's own end is read
+                    await sink.finish(data)
+                    await _read_rest(proxy, resp)
+                    break
                 await sink.write(data)
         except asyncio.CancelledError:
             if sink.out is None:
@@ -320,15 +332,31 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
     finally:
         call.usage = tap.usage
         call.usage_complete = tap.complete
-        if tap.output_seen:
-            # about a token per frame sent (4 characters make a token in the estimate)
-            call.output_chars = max(call.output_chars, 4 * (sent // frame_size) if frame_size else 0, 1)
+        if tap.output_seen and (not tap.complete or tap.usage is None or tap.usage.is_zero()):
+            # the output is estimated (billable_usage): about a token per frame
+            # sent, 4 characters making a token in the estimate
+            frames = sample.count(b"\n\n") or sample.count(b"\r\n\r\n") or 1
+            frame_size = max(len(sample) // frames, 1)
+            call.output_chars = max(call.output_chars, 4 * (sent // frame_size), 1)
         if tap.error_message and call.status == "ok":
             call.status, call.error = "incomplete", tap.error_message
         proxy.streams.discard(resp)
         resp.release()
     assert sink.out is not None
     return sink.out
+
+
+async def _read_rest(proxy: Proxy, resp: UpstreamResponse) -> None:
+    """Read the upstream body after the protocol's end marker (normally
+    already here) so its connection can be reused; what comes after the
+    marker means nothing to the client, whose response has ended."""
+    with contextlib.suppress(UpstreamError, TimeoutError, h1.H1Error, OSError):
+        while chunk := resp.raw.read_nowait():
+            pass
+        if chunk is None:  # not all here yet: wait for it, bounded
+            async with asyncio.timeout(proxy.config.server.drain_seconds):
+                while await resp.read_chunk():
+                    pass
 
 
 async def _relay_gone(proxy: Proxy, call: Call, resp: UpstreamResponse, tap: Passthrough) -> None:

@@ -4,6 +4,7 @@ asserted by status, bytes, the ledger and the fault upstream's request log.
 A stall before anything reached the client is a 504 in the client's shape; a
 stall after is the protocol's in-stream error event, never a clean end."""
 
+import asyncio
 import json
 
 import anthropic
@@ -82,6 +83,28 @@ async def test_slow_stream_within_idle_timeout_is_not_cut(gateway, faults):
     await settle(gw)
     [rec] = await gw.storage.list_usage()
     assert rec.status == "ok" and rec.output_tokens == 8 and rec.input_tokens == 11 and rec.usage_source == "upstream"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_the_answer_ends_at_the_end_marker_while_the_upstream_lingers(gateway, faults, protocol):
+    """An upstream that sends its end marker, then bytes after it, and keeps
+    its body open: the client's response ends with the marker at once (not
+    after the upstream's idle timeout, and with no error event after a clean
+    end), the bytes after the marker never reach the client, and the
+    upstream's usage is charged.  The gateway then reads the upstream for at
+    most drain_seconds and hangs up."""
+    fault = await faults(default=Fault(kind="linger", chunks=3, trailer=b"data: junk after the end\n\n"))
+    gw = await make(gateway, fault, protocol, routing="retries = 0\n[server]\ndrain_seconds = 0.3\n",
+                    idle_timeout=30, first_byte_timeout=5)
+    status, raw, _ = await asyncio.wait_for(post(gw, protocol, body_for(protocol, "m", stream=True)), 5)
+    assert status == 200 and clean_end(protocol, raw) and stream_error(protocol, raw) is None, raw
+    assert b"junk" not in raw
+    assert streamed_text(protocol, raw) == "t0 t1 t2 "
+    await eventually(lambda: fault.log[0]["peer_closed"])
+    await settle(gw)
+    [rec] = await gw.storage.list_usage()
+    assert rec.status == "ok" and rec.usage_source == "upstream" and (rec.input_tokens, rec.output_tokens) == (11, 3)
+    assert await gw.storage.open_holds() == 0
 
 
 async def test_connect_timeout_is_504(gateway):

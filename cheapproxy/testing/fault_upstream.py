@@ -24,7 +24,10 @@ Fault kinds:
   protocol's end marker;
 * ``fin``: ``chunks`` deltas, then the TCP connection is closed mid-body (FIN);
 * ``rst``: ``chunks`` deltas, then a TCP reset (SO_LINGER 0 + abort);
-* ``redirect``: a 307 to ``location`` (a gateway must not follow it).
+* ``redirect``: a 307 to ``location`` (a gateway must not follow it);
+* ``linger``: the whole answer, end marker included, then the HTTP body is
+  held open (``trailer`` bytes written 50 ms after the marker, if any) until the
+  peer goes away, the ``gate`` opens or the upstream is released.
 
 Silences end when the peer goes away or on :meth:`FaultUpstream.release`.
 """
@@ -60,6 +63,7 @@ class Fault:
     hold_after: int = 1
     piece_size: int = 0  # >0: every delta is this many 'x' (bulk streams)
     location: str = ""  # redirect target
+    trailer: bytes = b""  # linger: written after the end marker
 
     def pieces(self) -> list[str]:
         if self.piece_size:
@@ -337,9 +341,14 @@ class FaultUpstream:
             await self._write(resp, wire.delta(body, piece))
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-        if fault.kind == "ok":
+        if fault.kind in ("ok", "linger"):
             for frame in wire.tail(body, len(pieces)):
                 await self._write(resp, frame)
+            if fault.kind == "linger":
+                if fault.trailer:
+                    await asyncio.sleep(0.05)  # a read of its own
+                    await self._write(resp, fault.trailer)
+                await self._silence(request, entry, fault.gate)
             await resp.write_eof()
             entry["finished"] = True
             return resp

@@ -120,7 +120,7 @@ class MessagesPassthrough(Passthrough):
             if isinstance(usage, dict):
                 self.usage = ir.merge_usage(self.usage, usage_from_wire(usage))
         elif event == "message_stop":
-            self.complete = True
+            self.complete = self.ended = True
         elif event == "error":
             err = self._json(data).get("error")
             msg = err.get("message") if isinstance(err, dict) else None

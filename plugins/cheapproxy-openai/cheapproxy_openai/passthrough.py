@@ -122,6 +122,7 @@ class ChatStreamPassthrough(Passthrough):
         self.strip = strip_usage
         self.usage: ir.Usage | None = None
         self.complete = False
+        self.ended = False
         self.output_seen = False
         self.error_message: str | None = None
         self._buf = bytearray()
@@ -164,7 +165,7 @@ class ChatStreamPassthrough(Passthrough):
         if i < 0 and not done and b'"error"' not in frame:
             return True
         if done and _is_done(frame):
-            self.complete = True
+            self.complete = self.ended = True
             return True
         j = _value_at(frame, b'"usage"') if i >= 0 else -1
         has_usage = j >= 0 and frame[j] == 0x7B  # '{'
@@ -227,7 +228,7 @@ class ChatStreamPassthrough(Passthrough):
             start = end + 2
         # '"usage":null' rides on every delta of an include_usage stream: only
         # a usage with another value (the final object) is looked for
-        hits = [m.start() for m in _USAGE_VALUE.finditer(region)]
+        hits = self._usage_hits(region)
         p = region.find(b'"error"')
         while p >= 0:
             hits.append(p)
@@ -257,6 +258,22 @@ class ChatStreamPassthrough(Passthrough):
             return region
         out.append(region[pos:])
         return b"".join(out)
+
+    def _usage_hits(self, region: bytes) -> list[int]:
+        """Where ``region`` mentions a usage that is not null."""
+        if not self.strip:
+            # usage is cumulative and the latest wins, so when the last mention
+            # holds a value (the usual final chunk) it is the only one that
+            # matters: one search from the end instead of a scan of the region
+            p = region.rfind(b'"usage"')
+            if p < 0:
+                return []
+            j = _value_at(region, b'"usage"', p)
+            if j >= 0 and region[j] != 0x6E:  # not 'n'ull
+                return [p]
+        # every usage-only chunk is to be dropped (strip), or the last mention
+        # is null and an earlier one may hold a value: look at them all
+        return [m.start() for m in _USAGE_VALUE.finditer(region)]
 
     def close(self) -> bytes:
         rest = bytes(self._buf)
