@@ -176,15 +176,50 @@ class ProviderEvents:
 # ------------------------------------------------------------------ client side
 
 
-class _EventStreamResponse(web.StreamResponse):
-    # the head leaves with the first chunk (one write, not two), as aiohttp's
-    # own Response does; a start is always followed by a write or the end
-    _send_headers_immediately = False
-
-
 _SAMPLE = 4096  # bytes of a stream's first output read kept to size its frames
 
 _FRAMING = 8192  # room for what a write adds: chunk framing, and the response head on the first one
+
+
+def _cannot_block(transport: Any, size: int) -> bool:
+    # aiohttp's write waits only while the transport has paused writing,
+    # i.e. holds more than its high-water mark unsent (64 KiB by default);
+    # with nothing unsent and a write (plus chunk framing) below the mark
+    # it cannot get paused, so the usual write needs no timer (~4 µs)
+    return (transport is not None and transport.get_write_buffer_size() == 0
+            and size + _FRAMING < transport.get_write_buffer_limits()[1])
+
+
+class _EventStreamResponse(web.StreamResponse):
+    """A streamed answer whose last bytes (``final``) leave with the end of
+    the chunked body, when aiohttp ends the response after the handler has
+    returned -- that is, after the pipeline has waited for the request's
+    charge to commit: a response never ends before its charge would survive
+    a crash of the process.  The head leaves with the first chunk (one
+    write, not two), as aiohttp's own Response does."""
+
+    _send_headers_immediately = False
+
+    def __init__(self, *, send_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.final = b""
+        self.send_timeout = send_timeout
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        data, self.final = self.final + data, b""
+        req = self._req
+        transport = req.transport if req is not None else None
+        if _cannot_block(transport, len(data)):
+            await super().write_eof(data)
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            # the client stopped reading: cut it off (abort drops the unsent buffer)
+            if transport is not None:
+                transport.abort()
+            raise ConnectionResetError(f"the client did not read for {self.send_timeout:g}s (send_timeout)") from None
 
 
 class Sink:
@@ -194,12 +229,12 @@ class Sink:
 
     def __init__(self, call: Call, request: web.Request, send_timeout: float) -> None:
         self.call, self.request, self.send_timeout = call, request, send_timeout
-        self.out: web.StreamResponse | None = None
+        self.out: _EventStreamResponse | None = None
 
     async def start(self, content_type: str) -> None:
         headers = dict(SSE_HEADERS)
         headers["Content-Type"] = content_type
-        out = _EventStreamResponse(status=200, headers=headers)
+        out = _EventStreamResponse(status=200, headers=headers, send_timeout=self.send_timeout)
         self.out = out
         try:
             await out.prepare(self.request)
@@ -209,20 +244,11 @@ class Sink:
         self.call.response_started = True
         self.call.ttft = time.perf_counter() - self.call.started
 
-    def _cannot_block(self, size: int) -> bool:
-        # aiohttp's write waits only while the transport has paused writing,
-        # i.e. holds more than its high-water mark unsent (64 KiB by default);
-        # with nothing unsent and a write (plus chunk framing) below the mark
-        # it cannot get paused, so the usual write needs no timer (~4 µs)
-        transport = self.request.transport
-        return (transport is not None and transport.get_write_buffer_size() == 0
-                and size + _FRAMING < transport.get_write_buffer_limits()[1])
-
     async def write(self, data: bytes) -> None:
         if not data or self.out is None:
             return
         try:
-            if self._cannot_block(len(data)):
+            if _cannot_block(self.request.transport, len(data)):
                 await self.out.write(data)
                 return
             async with asyncio.timeout(self.send_timeout):
@@ -236,27 +262,19 @@ class Sink:
         except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
             raise ClientGone() from exc
 
-    async def finish(self, data: bytes = b"") -> None:
-        """End the response, with ``data`` as its last bytes (one write)."""
-        if self.out is None:
-            return
-        try:
-            if self._cannot_block(len(data)):
-                await self.out.write_eof(data)
-                return
-            async with asyncio.timeout(self.send_timeout):
-                await self.out.write_eof(data)
-        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
-            raise ClientGone() from exc
+    def finish(self, data: bytes = b"") -> None:
+        """End the response with ``data`` as its last bytes: they leave in one
+        write with the end of the body once the charge is durable (see
+        _EventStreamResponse)."""
+        if self.out is not None:
+            self.out.final += data
 
-    async def fail(self, err: ProxyError, data: bytes) -> None:
-        """Send the protocol's in-stream error event; the stream then ends."""
+    def fail(self, err: ProxyError, data: bytes) -> None:
+        """End the stream with the protocol's in-stream error event."""
         call = self.call
         call.status, call.http_status = "incomplete", err.status
         call.error, call.error_kind = err.message, err.kind
-        with contextlib.suppress(ClientGone):
-            await self.write(data)
-            await self.finish()
+        self.finish(data)
 
 
 def _send_timeout(proxy: Proxy) -> float:
@@ -281,6 +299,7 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
     # than the rest of the relay's work on it)
     sent = 0
     sample = b""
+    detached = False  # the upstream's end is read by a task of its own
     try:
         try:
             while True:
@@ -289,18 +308,16 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                 except UpstreamError as err:
                     if sink.out is None:
                         raise  # nothing reached the client: the dispatcher may retry
-                    await sink.fail(err, proto.stream_encoder(ctx).error(err))
+                    sink.fail(err, proto.stream_encoder(ctx).error(err))
                     break
                 if not chunk:
                     tail = tap.close()
                     if sink.out is None:
                         await sink.start(ctype)
-                    await sink.write(tail)
+                    sink.finish(tail)
                     if not tap.complete and not tap.error_message:
                         err = UpstreamError("upstream_failed", f"upstream {resp.client.name!r} closed the stream before it was complete")
-                        await sink.fail(err, proto.stream_encoder(ctx).error(err))
-                        break
-                    await sink.finish()
+                        sink.fail(err, proto.stream_encoder(ctx).error(err))
                     break
                 data = tap.feed(chunk)
                 if tap.output_seen:
@@ -312,9 +329,13 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                 if tap.ended:
                     # the end marker went by: this read and the end of the
                     # response leave in one write (usually the whole stream,
-                    # head included, is one), then the upstream's own end is read
-                    await sink.finish(data)
-                    await _read_rest(proxy, resp)
+                    # head included, is one); what follows upstream is not
+                    # for the client, and is read off on the side unless it
+                    # is already here (so the connection can be reused)
+                    sink.finish(data)
+                    if not _rest_here(resp):
+                        detached = True
+                        proxy.track(_read_rest(proxy, resp))
                     break
                 await sink.write(data)
         except asyncio.CancelledError:
@@ -324,7 +345,7 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
             if reason is None:
                 raise
             if reason == SHUTDOWN:
-                await sink.fail(shutdown_error(), proto.stream_encoder(ctx).error(shutdown_error()))
+                sink.fail(shutdown_error(), proto.stream_encoder(ctx).error(shutdown_error()))
             else:
                 await _relay_gone(proxy, call, resp, tap)
         except ClientGone:
@@ -340,23 +361,36 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
             call.output_chars = max(call.output_chars, 4 * (sent // frame_size), 1)
         if tap.error_message and call.status == "ok":
             call.status, call.error = "incomplete", tap.error_message
-        proxy.streams.discard(resp)
-        resp.release()
+        if not detached:
+            proxy.streams.discard(resp)
+            resp.release()
     assert sink.out is not None
     return sink.out
 
 
-async def _read_rest(proxy: Proxy, resp: UpstreamResponse) -> None:
-    """Read the upstream body after the protocol's end marker (normally
-    already here) so its connection can be reused; what comes after the
-    marker means nothing to the client, whose response has ended."""
-    with contextlib.suppress(UpstreamError, TimeoutError, h1.H1Error, OSError):
+def _rest_here(resp: UpstreamResponse) -> bool:
+    """Read off what the upstream sent after the protocol's end marker; True
+    when its body has ended (or failed: releasing closes the connection)."""
+    try:
         while chunk := resp.raw.read_nowait():
             pass
-        if chunk is None:  # not all here yet: wait for it, bounded
-            async with asyncio.timeout(proxy.config.server.drain_seconds):
-                while await resp.read_chunk():
-                    pass
+    except (h1.H1Error, OSError):
+        return True
+    return chunk is not None
+
+
+async def _read_rest(proxy: Proxy, resp: UpstreamResponse) -> None:
+    """The rest of an upstream body after the end marker, read for at most
+    ``drain_seconds`` so the connection can be reused, then released."""
+    try:
+        async with asyncio.timeout(proxy.config.server.drain_seconds):
+            while await resp.read_chunk():
+                pass
+    except (UpstreamError, TimeoutError):
+        pass
+    finally:
+        proxy.streams.discard(resp)
+        resp.release()
 
 
 async def _relay_gone(proxy: Proxy, call: Call, resp: UpstreamResponse, tap: Passthrough) -> None:
@@ -440,14 +474,13 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
                     parts.insert(0, encoder.start())
                 await sink.write(b"".join(parts))
             if failed is not None:
-                await sink.fail(failed, encoder.error(failed))
+                sink.fail(failed, encoder.error(failed))
                 finished = True
         if not finished:
             if sink.out is None:
                 await sink.start(encoder.content_type)
                 await sink.write(encoder.start())
-            await sink.write(encoder.close())
-            await sink.finish()
+            sink.finish(encoder.close())
     except asyncio.CancelledError:
         if sink.out is None:
             raise
@@ -455,7 +488,7 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
         if reason is None:
             raise
         if reason == SHUTDOWN:
-            await sink.fail(shutdown_error(), encoder.error(shutdown_error()))
+            sink.fail(shutdown_error(), encoder.error(shutdown_error()))
         else:
             await _events_gone(proxy, call, source, tracker)
     except ClientGone:

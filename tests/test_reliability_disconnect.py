@@ -12,7 +12,7 @@ import json
 import aiohttp
 import pytest
 
-from .reliability_util import (Fault, body_for, eventually, faults, headers_for, model_toml, PATHS,  # noqa: F401
+from .reliability_util import (Fault, body_for, eventually, faults, headers_for, model_toml, PATHS, post,  # noqa: F401
                                request_tasks, settle, streamed_text)
 
 PRICE = {"input": 1, "output": 2}  # USD per 1M tokens
@@ -192,3 +192,37 @@ async def test_a_client_that_stops_reading_is_cut_off_and_buffers_stay_bounded(g
     assert fault.written < 64 * 2**20, fault.written
     print(f"\nslow reader: upstream wrote {fault.written / 2**20:.1f} MiB of {total / 2**20:.0f} MiB before the cut")
     writer.close()
+
+
+@pytest.mark.parametrize("client,upstream", [("openai-chat", "openai-chat"), ("anthropic-messages", "anthropic-messages"),
+                                             ("openai-chat", "anthropic-messages")])
+async def test_a_stream_ends_only_once_its_charge_is_durable(gateway, faults, client, upstream):
+    """The end of a streamed answer (its last bytes and the end of the chunked
+    body) leaves only after the request's charge is committed, like a
+    non-streamed answer, so a crash of the process can never lose the charge
+    of an answer the client got whole.  Here another connection holds the
+    database's write lock: the answer must not end until it is let go."""
+    import sqlite3
+
+    fault = await faults(default=Fault(chunks=3))
+    gw = await make(gateway, fault, client, upstream_protocol=upstream)
+    # the key's lease is taken (a write) by a first request; the second is
+    # served from it in memory, so only its charge needs the database
+    status, _, _ = await post(gw, client, body_for(client, "m", stream=True))
+    assert status == 200
+    blocker = sqlite3.connect(gw.proxy.storage.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # no charge can commit now
+        answer = asyncio.ensure_future(post(gw, client, body_for(client, "m", stream=True)))
+        await asyncio.sleep(0.5)
+        assert not answer.done(), "the answer ended before its charge was committed"
+        blocker.execute("ROLLBACK")
+        status, raw, _ = await asyncio.wait_for(answer, 10)
+        assert status == 200
+        assert streamed_text(client, raw) == "t0 t1 t2 "
+    finally:
+        blocker.close()
+    await settle(gw)
+    records = await gw.storage.list_usage()
+    assert len(records) == 2 and all(r.status == "ok" and r.cost > 0 for r in records)
+    assert await gw.storage.open_holds() == 0
