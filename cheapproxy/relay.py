@@ -191,22 +191,21 @@ def _cannot_block(transport: Any, size: int) -> bool:
 
 
 class _EventStreamResponse(web.StreamResponse):
-    """A streamed answer whose last bytes (``final``) leave with the end of
-    the chunked body, when aiohttp ends the response after the handler has
-    returned -- that is, after the pipeline has waited for the request's
-    charge to commit: a response never ends before its charge would survive
-    a crash of the process.  The head leaves with the first chunk (one
-    write, not two), as aiohttp's own Response does."""
+    """A streamed answer whose end (the last chunk of the chunked body) is
+    written by aiohttp after the handler has returned -- that is, after the
+    pipeline has waited for the request's charge to commit: a response never
+    ends before its charge would survive a crash of the process.  The bytes
+    themselves leave at once (the time to the first byte is not the commit's).
+    The head leaves with the first chunk (one write, not two), as aiohttp's
+    own Response does."""
 
     _send_headers_immediately = False
 
     def __init__(self, *, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.final = b""
         self.send_timeout = send_timeout
 
     async def write_eof(self, data: bytes = b"") -> None:
-        data, self.final = self.final + data, b""
         req = self._req
         transport = req.transport if req is not None else None
         if _cannot_block(transport, len(data)):
@@ -262,19 +261,18 @@ class Sink:
         except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
             raise ClientGone() from exc
 
-    def finish(self, data: bytes = b"") -> None:
-        """End the response with ``data`` as its last bytes: they leave in one
-        write with the end of the body once the charge is durable (see
-        _EventStreamResponse)."""
-        if self.out is not None:
-            self.out.final += data
+    async def finish(self, data: bytes = b"") -> None:
+        """The last bytes of the response; its end follows once the charge is
+        durable (see _EventStreamResponse)."""
+        await self.write(data)
 
-    def fail(self, err: ProxyError, data: bytes) -> None:
-        """End the stream with the protocol's in-stream error event."""
+    async def fail(self, err: ProxyError, data: bytes) -> None:
+        """Send the protocol's in-stream error event; the stream then ends."""
         call = self.call
         call.status, call.http_status = "incomplete", err.status
         call.error, call.error_kind = err.message, err.kind
-        self.finish(data)
+        with contextlib.suppress(ClientGone):
+            await self.write(data)
 
 
 def _send_timeout(proxy: Proxy) -> float:
@@ -308,16 +306,16 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                 except UpstreamError as err:
                     if sink.out is None:
                         raise  # nothing reached the client: the dispatcher may retry
-                    sink.fail(err, proto.stream_encoder(ctx).error(err))
+                    await sink.fail(err, proto.stream_encoder(ctx).error(err))
                     break
                 if not chunk:
                     tail = tap.close()
                     if sink.out is None:
                         await sink.start(ctype)
-                    sink.finish(tail)
+                    await sink.finish(tail)
                     if not tap.complete and not tap.error_message:
                         err = UpstreamError("upstream_failed", f"upstream {resp.client.name!r} closed the stream before it was complete")
-                        sink.fail(err, proto.stream_encoder(ctx).error(err))
+                        await sink.fail(err, proto.stream_encoder(ctx).error(err))
                     break
                 data = tap.feed(chunk)
                 if tap.output_seen:
@@ -327,12 +325,12 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
                 if sink.out is None:
                     await sink.start(ctype)
                 if tap.ended:
-                    # the end marker went by: this read and the end of the
-                    # response leave in one write (usually the whole stream,
-                    # head included, is one); what follows upstream is not
-                    # for the client, and is read off on the side unless it
-                    # is already here (so the connection can be reused)
-                    sink.finish(data)
+                    # the end marker went by: this read is the last the
+                    # client gets (the end of the body follows once the charge
+                    # is durable); what follows upstream is not for the
+                    # client, and is read off on the side unless it is already
+                    # here (so the connection can be reused)
+                    await sink.finish(data)
                     if not _rest_here(resp):
                         detached = True
                         proxy.track(_read_rest(proxy, resp))
@@ -345,7 +343,7 @@ async def relay_stream(proxy: Proxy, call: Call, request: web.Request, resp: Ups
             if reason is None:
                 raise
             if reason == SHUTDOWN:
-                sink.fail(shutdown_error(), proto.stream_encoder(ctx).error(shutdown_error()))
+                await sink.fail(shutdown_error(), proto.stream_encoder(ctx).error(shutdown_error()))
             else:
                 await _relay_gone(proxy, call, resp, tap)
         except ClientGone:
@@ -474,13 +472,13 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
                     parts.insert(0, encoder.start())
                 await sink.write(b"".join(parts))
             if failed is not None:
-                sink.fail(failed, encoder.error(failed))
+                await sink.fail(failed, encoder.error(failed))
                 finished = True
         if not finished:
             if sink.out is None:
                 await sink.start(encoder.content_type)
                 await sink.write(encoder.start())
-            sink.finish(encoder.close())
+            await sink.finish(encoder.close())
     except asyncio.CancelledError:
         if sink.out is None:
             raise
@@ -488,7 +486,7 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
         if reason is None:
             raise
         if reason == SHUTDOWN:
-            sink.fail(shutdown_error(), encoder.error(shutdown_error()))
+            await sink.fail(shutdown_error(), encoder.error(shutdown_error()))
         else:
             await _events_gone(proxy, call, source, tracker)
     except ClientGone:

@@ -197,8 +197,8 @@ async def test_a_client_that_stops_reading_is_cut_off_and_buffers_stay_bounded(g
 @pytest.mark.parametrize("client,upstream", [("openai-chat", "openai-chat"), ("anthropic-messages", "anthropic-messages"),
                                              ("openai-chat", "anthropic-messages")])
 async def test_a_stream_ends_only_once_its_charge_is_durable(gateway, faults, client, upstream):
-    """The end of a streamed answer (its last bytes and the end of the chunked
-    body) leaves only after the request's charge is committed, like a
+    """The end of a streamed answer (the end of its chunked body) leaves only
+    after the request's charge is committed, like a
     non-streamed answer, so a crash of the process can never lose the charge
     of an answer the client got whole.  Here another connection holds the
     database's write lock: the answer must not end until it is let go."""
