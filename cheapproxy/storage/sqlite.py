@@ -527,13 +527,13 @@ class SQLiteStorage:
             await self._insert_usage(db, record, want, want - charge)
         return from_micro(balance)
 
-    async def _in_thread_tx(self, fn: Any, *args: Any, fold: bool = True, threaded: bool = False) -> Any:
+    async def _in_thread_tx(self, fn: Any, *args: Any, fold: bool = True) -> Any:
         """Run ``fn(conn, *args)`` as one BEGIN IMMEDIATE transaction entirely
         on aiosqlite's thread: one hand-off instead of one per statement.
         The hot path's transactions use this -- each hand-off to the thread is
         a GIL round trip, which costs more than the SQL itself.  Unless
         ``fold`` is False the charge queue is applied first, in the same
-        transaction.  ``threaded``: never on the event loop's connection."""
+        transaction."""
         db = self._writer()
         if fold:
             fn = _after_fold(fn)
@@ -557,7 +557,7 @@ class SQLiteStorage:
                 raise
 
         fast = self._fast
-        if fast is not None and not threaded and not self._lock.locked():
+        if fast is not None and not self._lock.locked():
             # the hot path: a short transaction right here, no thread hand-off;
             # if another connection holds the write lock, take the threaded path
             try:
