@@ -6,8 +6,10 @@ of a key's balance with one ordinary storage hold (so several processes
 sharing a database still can never overdraw: the leases themselves are
 holds), reserves requests against the lease in memory, and settles finished
 requests in batches -- one transaction for every request that finished while
-the previous batch was committing.  The caller awaits its batch, so a charge
-is durable before the response ends.
+the previous batch was committing (a request with none other in flight is
+committed at once, in the same step, when the storage can do that without a
+suspension).  The caller awaits its batch, so a charge is durable before the
+response ends.
 
 * A lease is ``lease_multiple x need`` (64 request estimates), grown 4x at a
   time up to 16x that while each lease runs out within a second (a lease is
@@ -94,6 +96,8 @@ class LeaseBilling(Billing):
         self._leases: dict[tuple[int, str | None], list[Lease]] = {}
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
+        # the storage's commit of a usual batch without a suspension, if any
+        self._nowait = getattr(storage, "charge_batch_nowait", None)
         self._lease_lock = asyncio.Lock()
         self._closing = False
         self._open = 0  # reservations not yet unreserved (pending ones included)
@@ -232,9 +236,36 @@ class LeaseBilling(Billing):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Decimal, Decimal]] = loop.create_future()
         self._pending.append(_Pending(hold, cost, record, fut, after))
-        if self._flusher is None or self._flusher.done():
+        if self._flusher is not None and not self._flusher.done():
+            return fut  # the batch task under way takes it
+        if self._nowait is not None and self._open <= len(self._pending):
+            # nothing else in flight, so no other charge could join this
+            # batch: commit it here and now (the answer of a request alone
+            # then waits for no loop iteration; under load the batch task
+            # below gathers the charges of a whole iteration per commit)
+            self._commit_alone(loop)
+        else:
             self._flusher = loop.create_task(self._flush_loop())
         return fut
+
+    def _commit_alone(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit the pending batch without a suspension (the storage's
+        ``charge_batch_nowait``), or hand it to the batch task when that
+        cannot be done now."""
+        batch = self._pending
+        items = [(p.hold.id, p.cost, p.record, "charge") for p in batch]
+        try:
+            results = self._nowait(items)
+        except Exception:  # noqa: BLE001 - the batch task retries, item by item if need be
+            log.debug("billing.commit_alone_failed", exc_info=True)
+            results = None
+        if results is None:
+            self._flusher = loop.create_task(self._flush_loop())
+            return
+        self._pending = []
+        for p, (charged, from_lease) in zip(batch, results):
+            self._unreserve(p.hold, from_lease)
+            self._done(p, (charged, from_lease))
 
     @staticmethod
     def _done(p: _Pending, result: tuple[Decimal, Decimal]) -> None:

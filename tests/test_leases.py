@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
@@ -231,3 +232,47 @@ async def test_leases_grow_while_they_run_out_fast_and_stay_within_the_balance(t
     assert store.sizes[-5:] == [(D("0.06"), True), (D("0.24"), True), (D("0.96"), False), (D("0.06"), False),
                                 (D("0.03"), False)]
     await store.close()
+
+
+async def test_a_request_alone_is_committed_before_settle_returns_and_others_batch(store, tmp_path):
+    """With nothing else in flight, no other charge can join a batch: the
+    charge is committed (durable in the charge queue) by the time
+    settle_nowait returns, so the answer waits for no loop iteration.  With
+    requests in flight, charges wait for the batch task, which gathers
+    those that finish together into one commit."""
+    u = await store.create_user("erin", D("1.00"))
+    key = await make_key(store, u.id)
+    b = LeaseBilling(store, lease_multiple=16)
+    usage = ir.Usage(input_tokens=100, output_tokens=50)
+    db = tmp_path / "lease.db"
+
+    def queued() -> int:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM charge_queue").fetchone()[0]
+
+    # the lease's first charge reads its row (the storage's exact path): it
+    # cannot be committed without a suspension, so the batch task takes it
+    h = await reserve(b, "r0", u.id, key)
+    fut = b.settle_nowait(h, scheme=SCHEME, usage=usage, record=rec("r0", u.id))
+    assert fut is not None and not fut.done()
+    assert await fut == (D("0.002"), D("0.002"))
+    # alone now: durable when settle_nowait returns
+    h = await reserve(b, "r1", u.id, key)
+    fut = b.settle_nowait(h, scheme=SCHEME, usage=usage, record=rec("r1", u.id))
+    assert fut is not None and fut.done() and fut.result() == (D("0.002"), D("0.002"))
+    assert queued() == 1 and h.lease is None  # unreserved
+    # three in flight: the first two to finish are committed together, later
+    h2, h3, h4 = [await reserve(b, f"r{i}", u.id, key) for i in (2, 3, 4)]
+    f2 = b.settle_nowait(h2, scheme=SCHEME, usage=usage, record=rec("r2", u.id))
+    f3 = b.settle_nowait(h3, scheme=SCHEME, usage=usage, record=rec("r3", u.id))
+    assert not f2.done() and not f3.done() and queued() == 1
+    await asyncio.gather(f2, f3)
+    assert queued() == 3
+    # the last one is alone again
+    f4 = b.settle_nowait(h4, scheme=SCHEME, usage=usage, record=rec("r4", u.id))
+    assert f4.done() and queued() == 4
+    await b.flush()
+    user = await store.get_user("erin")
+    assert (user.balance, user.held) == (D("0.99"), D(0)) and await store.open_holds() == 0
+    assert await ledger_sum(store, u.id) == user.balance
+    assert sorted(e.reference for e in await store.ledger(u.id) if e.kind == "charge") == ["r0", "r1", "r2", "r3", "r4"]

@@ -556,30 +556,38 @@ class SQLiteStorage:
                     pass
                 raise
 
-        fast = self._fast
-        if fast is not None and not self._lock.locked():
-            # the hot path: a short transaction right here, no thread hand-off;
-            # if another connection holds the write lock, take the threaded path
-            try:
-                fast.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                pass
-            else:
-                try:
-                    result = fn(fast, *args)
-                    fast.execute("COMMIT")
-                    return result
-                except BaseException as exc:
-                    with contextlib.suppress(sqlite3.OperationalError):
-                        fast.execute("ROLLBACK")
-                    if isinstance(exc, sqlite3.OperationalError):
-                        raise StorageError(f"database error: {exc}") from None
-                    raise
+        done, result = self._fast_tx(fn, *args)
+        if done:
+            return result
         async with self._lock:
             try:
                 return await db._execute(run)
             except sqlite3.OperationalError as exc:
                 raise StorageError(f"database error: {exc}") from None
+
+    def _fast_tx(self, fn: Any, *args: Any) -> tuple[bool, Any]:
+        """``fn(conn, *args)`` as one short transaction right here on the
+        loop's own connection, no thread hand-off: (True, its result), or
+        (False, None) when it cannot run now -- an awaited transaction holds
+        the connection lock, or another connection holds the write lock (the
+        caller then takes the threaded path)."""
+        fast = self._fast
+        if fast is None or self._lock.locked():
+            return False, None
+        try:
+            fast.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False, None
+        try:
+            result = fn(fast, *args)
+            fast.execute("COMMIT")
+            return True, result
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.OperationalError):
+                fast.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StorageError(f"database error: {exc}") from None
+            raise
 
     async def charge_batch(self, items: list[tuple[str, Decimal, UsageRecord, str]]) -> list[tuple[Decimal, Decimal]]:
         """Charge many requests against open *lease* holds in ONE transaction
@@ -590,47 +598,75 @@ class SQLiteStorage:
         amount reduced.  Returns, per item, (charged, taken from the lease)."""
         if not items:
             return []
-        wants = []
-        for _, cost, _, _ in items:
-            want = to_micro(cost, "cost")
-            if want < 0:
-                raise ValueError("a cost cannot be negative")
-            wants.append(want)
-        now = _now()
-        # The usual batch: every charge fits in what this process knows its
-        # leases still hold, so the outcome is known without reading a row --
-        # each is taken whole from its lease.  It is made durable as rows of
-        # the charge queue (one append to an index-less table: a commit writes
-        # a page or two, not the dozen that the ledger, usage, holds, users and
-        # keys rows with their indexes take), and applied to those tables in
-        # bulk, by any process, before any write and before any read of
-        # balances, ledger or usage (_fold_sync): no reader sees it missing.
+        wants = _wants(items)
+        rows = self._queueable(items, wants)
+        if rows is not None:
+            await self._in_thread_tx(_queue_sync, rows, fold=False)
+            return self._queued_ok(items, wants)
+        # otherwise the exact path (a lease seen for the first time, or one
+        # running short): the queue applied, then this batch, by reading rows
+        room = self._lease_room
+        out, amounts = await self._in_thread_tx(_charge_batch_sync, items, wants, _now())
+        for (lease_id, _, record, _) in items:
+            if lease_id in amounts:
+                room[lease_id] = [amounts[lease_id], record.user_id]
+        return [(from_micro(c), from_micro(f)) for c, f in out]
+
+    def charge_batch_nowait(self, items: list[tuple[str, Decimal, UsageRecord, str]]) -> list[tuple[Decimal, Decimal]] | None:
+        """``charge_batch`` without a suspension, for the usual batch: its
+        charges appended to the charge queue in one short transaction on the
+        loop's own connection, committed when this returns.  None when that
+        cannot be done here and now (a lease seen for the first time or
+        running short, the database busy): the caller awaits
+        ``charge_batch`` instead.  Used by the lease billing to commit a
+        batch in the loop iteration after its first charge (or at once for a
+        request alone), rather than on a task that waits a further iteration
+        -- the end of each response waits for this commit."""
+        if not items:
+            return []
+        wants = _wants(items)
+        rows = self._queueable(items, wants)
+        if rows is None:
+            return None
+        done, _ = self._fast_tx(_queue_sync, rows)
+        if not done:
+            return None
+        return self._queued_ok(items, wants)
+
+    def _queueable(self, items: list[tuple[str, Decimal, UsageRecord, str]], wants: list[int]) -> list[tuple[Any, ...]] | None:
+        """The charge-queue rows of ``items`` when every charge fits in what
+        this process knows its leases still hold (so the outcome is known
+        without reading a row: each is taken whole from its lease), else
+        None.  Such a batch is made durable as rows of the charge queue (one
+        append to an index-less table: a commit writes a page or two, not the
+        dozen that the ledger, usage, holds, users and keys rows with their
+        indexes take), and applied to those tables in bulk, by any process,
+        before any write and before any read of balances, ledger or usage
+        (_fold_sync): no reader sees it missing."""
         room = self._lease_room
         plan: dict[str, int] = {}
         for (lease_id, _, record, _), want in zip(items, wants):
             r = room.get(lease_id)
             if r is None or record.user_id != r[1]:
-                break
+                return None
             left = plan.get(lease_id, r[0])
             if want > left:
-                break
+                return None
             plan[lease_id] = left - want
-        else:
-            rows = [(lease_id, want, kind, now, *_usage_row(record, want, 0, now))
-                    for (lease_id, _, record, kind), want in zip(items, wants)]
-            await self._in_thread_tx(_queue_sync, rows, fold=False)
-            for lease_id, left in plan.items():
-                room[lease_id][0] = left
-            self._queued += len(rows)
-            self._fold_later()
-            return [(from_micro(w), from_micro(w)) for w in wants]
-        # otherwise the exact path (a lease seen for the first time, or one
-        # running short): the queue applied, then this batch, by reading rows
-        out, amounts = await self._in_thread_tx(_charge_batch_sync, items, wants, now)
-        for (lease_id, _, record, _) in items:
-            if lease_id in amounts:
-                room[lease_id] = [amounts[lease_id], record.user_id]
-        return [(from_micro(c), from_micro(f)) for c, f in out]
+        now = _now()
+        return [(lease_id, want, kind, now, *_usage_row(record, want, 0, now))
+                for (lease_id, _, record, kind), want in zip(items, wants)]
+
+    def _queued_ok(self, items: list[tuple[str, Decimal, UsageRecord, str]], wants: list[int]) -> list[tuple[Decimal, Decimal]]:
+        """After the queue rows of ``items`` committed: what the leases hold
+        now, the fold scheduled, and the outcome (each charge taken whole
+        from its lease)."""
+        room = self._lease_room
+        for (lease_id, _, _, _), want in zip(items, wants):
+            room[lease_id][0] -= want
+        self._queued += len(items)
+        self._fold_later()
+        return [(from_micro(w), from_micro(w)) for w in wants]
 
     # the queue is applied at least this often, and at once past this many charges
     fold_every: float = 0.1
@@ -924,6 +960,17 @@ def _release_sync(conn: sqlite3.Connection, hold_id: str, record: UsageRecord | 
         except sqlite3.IntegrityError:
             raise ValueError(f"request {record.request_id!r} already has a usage record") from None
     return True
+
+
+def _wants(items: list[tuple[str, Decimal, UsageRecord, str]]) -> list[int]:
+    """The batch's costs in micro-USD (negative ones refused)."""
+    wants = []
+    for _, cost, _, _ in items:
+        want = to_micro(cost, "cost")
+        if want < 0:
+            raise ValueError("a cost cannot be negative")
+        wants.append(want)
+    return wants
 
 
 def _usage_row(r: UsageRecord, cost: int, unpaid: int, now: str) -> tuple[Any, ...]:
