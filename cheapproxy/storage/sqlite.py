@@ -618,10 +618,9 @@ class SQLiteStorage:
         loop's own connection, committed when this returns.  None when that
         cannot be done here and now (a lease seen for the first time or
         running short, the database busy): the caller awaits
-        ``charge_batch`` instead.  Used by the lease billing to commit a
-        batch in the loop iteration after its first charge (or at once for a
-        request alone), rather than on a task that waits a further iteration
-        -- the end of each response waits for this commit."""
+        ``charge_batch`` instead.  Used by the lease billing for a request
+        with no other in flight, whose answer then waits for no loop
+        iteration (the end of each response waits for its charge's commit)."""
         if not items:
             return []
         wants = _wants(items)
