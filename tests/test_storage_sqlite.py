@@ -87,6 +87,68 @@ async def test_open_creates_schema_with_pragmas(store: SQLiteStorage, tmp_path: 
     assert await store.ping() is True
 
 
+async def test_the_wal_file_shrinks_back_to_its_limit(tmp_path: Path) -> None:
+    """Under sustained writes the WAL file grows; once a checkpoint has caught
+    up, the write that restarts the WAL truncates the file to
+    ``wal_size_limit`` (without the limit SQLite reuses it at full size)."""
+    s = SQLiteStorage("sqlite:///wal.db", tmp_path)
+    s.wal_size_limit = 128 * 1024
+    await s.open()
+    try:
+        wal = tmp_path / "wal.db-wal"
+        u = await s.create_user("walt", Decimal(0))
+        n = 0
+        while wal.stat().st_size <= 4 * s.wal_size_limit and n < 5000:
+            await s.credit(u.id, Decimal("0.01"), kind="topup", reference=f"t{n}", note="x" * 500)
+            n += 1
+        assert wal.stat().st_size > 4 * s.wal_size_limit
+        s._checkpoint_once()  # caught up: every frame is in the database file now
+        await s.credit(u.id, Decimal("0.01"), kind="topup", reference="last")  # restarts the WAL
+        assert wal.stat().st_size <= s.wal_size_limit
+        assert (await s.get_user("walt")).balance == Decimal("0.01") * (n + 1)
+    finally:
+        await s.close()
+
+
+async def test_a_checkpoint_round_lets_the_log_start_over_despite_writes_meanwhile(tmp_path: Path) -> None:
+    """Under steady writes, frames land in the log while the threaded
+    checkpoint runs, so it never finds the log wholly checkpointed and the
+    log would never start over (its file grew by megabytes a second).  The
+    round checkpoints that tail on the loop's own connection, so the next
+    write starts the log over (and cuts the file to ``wal_size_limit``).
+    Here a reader's snapshot keeps the threaded checkpoint from the frames
+    written after it, as a concurrent write would."""
+    s = SQLiteStorage("sqlite:///round.db", tmp_path)
+    s.wal_size_limit = 128 * 1024
+    await s.open()
+    reader = sqlite3.connect(tmp_path / "round.db", isolation_level=None, check_same_thread=False)
+    try:
+        wal = tmp_path / "round.db-wal"
+        u = await s.create_user("rita", Decimal(0))
+        n = 0
+        while wal.stat().st_size <= 4 * s.wal_size_limit and n < 5000:
+            await s.credit(u.id, Decimal("0.01"), kind="topup", reference=f"t{n}", note="x" * 500)
+            n += 1
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM users").fetchall()  # a snapshot at this frame
+        for i in range(20):
+            await s.credit(u.id, Decimal("0.01"), kind="topup", reference=f"late{i}")
+        threaded = s._checkpoint_once
+
+        def checkpoint_then_release() -> None:
+            threaded()  # cannot pass the reader's snapshot
+            reader.execute("COMMIT")
+
+        s._checkpoint_once = checkpoint_then_release  # type: ignore[method-assign]
+        await s._checkpoint_round()
+        await s.credit(u.id, Decimal("0.01"), kind="topup", reference="last")
+        assert wal.stat().st_size <= s.wal_size_limit  # the log started over
+        assert (await s.get_user("rita")).balance == Decimal("0.01") * (n + 21)
+    finally:
+        reader.close()
+        await s.close()
+
+
 async def test_migrations_idempotent_and_data_kept(tmp_path: Path) -> None:
     url = "sqlite:///db.sqlite"
     a = SQLiteStorage(url, tmp_path)
