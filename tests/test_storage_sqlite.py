@@ -87,6 +87,16 @@ async def test_open_creates_schema_with_pragmas(store: SQLiteStorage, tmp_path: 
     assert await store.ping() is True
 
 
+async def grow_wal(s: SQLiteStorage, user_id: int, wal: Path) -> int:
+    """Credit ``user_id`` until the WAL file is over 4x ``s.wal_size_limit``; returns the credits made."""
+    n = 0
+    while wal.stat().st_size <= 4 * s.wal_size_limit and n < 5000:
+        await s.credit(user_id, Decimal("0.01"), kind="topup", reference=f"t{n}", note="x" * 500)
+        n += 1
+    assert wal.stat().st_size > 4 * s.wal_size_limit
+    return n
+
+
 async def test_the_wal_file_shrinks_back_to_its_limit(tmp_path: Path) -> None:
     """Under sustained writes the WAL file grows; once a checkpoint has caught
     up, the write that restarts the WAL truncates the file to
@@ -97,11 +107,7 @@ async def test_the_wal_file_shrinks_back_to_its_limit(tmp_path: Path) -> None:
     try:
         wal = tmp_path / "wal.db-wal"
         u = await s.create_user("walt", Decimal(0))
-        n = 0
-        while wal.stat().st_size <= 4 * s.wal_size_limit and n < 5000:
-            await s.credit(u.id, Decimal("0.01"), kind="topup", reference=f"t{n}", note="x" * 500)
-            n += 1
-        assert wal.stat().st_size > 4 * s.wal_size_limit
+        n = await grow_wal(s, u.id, wal)
         s._checkpoint_once()  # caught up: every frame is in the database file now
         await s.credit(u.id, Decimal("0.01"), kind="topup", reference="last")  # restarts the WAL
         assert wal.stat().st_size <= s.wal_size_limit
@@ -125,10 +131,7 @@ async def test_a_checkpoint_round_lets_the_log_start_over_despite_writes_meanwhi
     try:
         wal = tmp_path / "round.db-wal"
         u = await s.create_user("rita", Decimal(0))
-        n = 0
-        while wal.stat().st_size <= 4 * s.wal_size_limit and n < 5000:
-            await s.credit(u.id, Decimal("0.01"), kind="topup", reference=f"t{n}", note="x" * 500)
-            n += 1
+        n = await grow_wal(s, u.id, wal)
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM users").fetchall()  # a snapshot at this frame
         for i in range(20):
