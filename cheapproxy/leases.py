@@ -263,6 +263,9 @@ class LeaseBilling(Billing):
             self._flusher = loop.create_task(self._flush_loop())
             return
         self._pending = []
+        self._committed(batch, results)
+
+    def _committed(self, batch: list[_Pending], results: list[tuple[Decimal, Decimal]]) -> None:
         for p, (charged, from_lease) in zip(batch, results):
             self._unreserve(p.hold, from_lease)
             self._done(p, (charged, from_lease))
@@ -292,9 +295,7 @@ class LeaseBilling(Billing):
                 for p, item in zip(batch, items):
                     await self._settle_alone(p, item)
                 continue
-            for p, (charged, from_lease) in zip(batch, results):
-                self._unreserve(p.hold, from_lease)
-                self._done(p, (charged, from_lease))
+            self._committed(batch, results)
 
     async def _settle_alone(self, p: _Pending, item: tuple[str, Decimal, UsageRecord, str]) -> None:
         """A failed batch is retried item by item; an item whose lease is gone

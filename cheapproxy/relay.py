@@ -181,13 +181,25 @@ _SAMPLE = 4096  # bytes of a stream's first output read kept to size its frames
 _FRAMING = 8192  # room for what a write adds: chunk framing, and the response head on the first one
 
 
-def _cannot_block(transport: Any, size: int) -> bool:
+async def _bounded_write(transport: Any, timeout: float, write: Any, data: bytes) -> None:
+    """``await write(data)``, cut off when the client has not read for
+    ``timeout`` seconds: the transport is aborted (dropping the unsent
+    buffer) and TimeoutError raised."""
     # aiohttp's write waits only while the transport has paused writing,
     # i.e. holds more than its high-water mark unsent (64 KiB by default);
     # with nothing unsent and a write (plus chunk framing) below the mark
     # it cannot get paused, so the usual write needs no timer (~4 µs)
-    return (transport is not None and transport.get_write_buffer_size() == 0
-            and size + _FRAMING < transport.get_write_buffer_limits()[1])
+    if (transport is not None and transport.get_write_buffer_size() == 0
+            and len(data) + _FRAMING < transport.get_write_buffer_limits()[1]):
+        await write(data)
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await write(data)
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()
+        raise
 
 
 class _EventStreamResponse(web.StreamResponse):
@@ -207,17 +219,9 @@ class _EventStreamResponse(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         req = self._req
-        transport = req.transport if req is not None else None
-        if _cannot_block(transport, len(data)):
-            await super().write_eof(data)
-            return
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await super().write_eof(data)
+            await _bounded_write(req.transport if req is not None else None, self.send_timeout, super().write_eof, data)
         except TimeoutError:
-            # the client stopped reading: cut it off (abort drops the unsent buffer)
-            if transport is not None:
-                transport.abort()
             raise ConnectionResetError(f"the client did not read for {self.send_timeout:g}s (send_timeout)") from None
 
 
@@ -247,16 +251,8 @@ class Sink:
         if not data or self.out is None:
             return
         try:
-            if _cannot_block(self.request.transport, len(data)):
-                await self.out.write(data)
-                return
-            async with asyncio.timeout(self.send_timeout):
-                await self.out.write(data)
+            await _bounded_write(self.request.transport, self.send_timeout, self.out.write, data)
         except TimeoutError:
-            # the client stopped reading: cut it off (abort drops the unsent buffer)
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()
             raise ClientGone(f"the client did not read for {self.send_timeout:g}s (send_timeout)") from None
         except (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError) as exc:
             raise ClientGone() from exc

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cheapproxy.leases import LeaseBilling, LeaseHold
 from cheapproxy.storage.sqlite import SQLiteStorage
 
 from .test_billing import SCHEME, ledger_sum, make_key, rec, reserve
+from .test_charge_queue import queued
 
 D = Decimal
 
@@ -245,11 +245,6 @@ async def test_a_request_alone_is_committed_before_settle_returns_and_others_bat
     b = LeaseBilling(store, lease_multiple=16)
     usage = ir.Usage(input_tokens=100, output_tokens=50)
     db = tmp_path / "lease.db"
-
-    def queued() -> int:
-        with sqlite3.connect(db) as conn:
-            return conn.execute("SELECT count(*) FROM charge_queue").fetchone()[0]
-
     # the lease's first charge reads its row (the storage's exact path): it
     # cannot be committed without a suspension, so the batch task takes it
     h = await reserve(b, "r0", u.id, key)
@@ -260,17 +255,17 @@ async def test_a_request_alone_is_committed_before_settle_returns_and_others_bat
     h = await reserve(b, "r1", u.id, key)
     fut = b.settle_nowait(h, scheme=SCHEME, usage=usage, record=rec("r1", u.id))
     assert fut is not None and fut.done() and fut.result() == (D("0.002"), D("0.002"))
-    assert queued() == 1 and h.lease is None  # unreserved
+    assert queued(db) == 1 and h.lease is None  # unreserved
     # three in flight: the first two to finish are committed together, later
     h2, h3, h4 = [await reserve(b, f"r{i}", u.id, key) for i in (2, 3, 4)]
     f2 = b.settle_nowait(h2, scheme=SCHEME, usage=usage, record=rec("r2", u.id))
     f3 = b.settle_nowait(h3, scheme=SCHEME, usage=usage, record=rec("r3", u.id))
-    assert not f2.done() and not f3.done() and queued() == 1
+    assert not f2.done() and not f3.done() and queued(db) == 1
     await asyncio.gather(f2, f3)
-    assert queued() == 3
+    assert queued(db) == 3
     # the last one is alone again
     f4 = b.settle_nowait(h4, scheme=SCHEME, usage=usage, record=rec("r4", u.id))
-    assert f4.done() and queued() == 4
+    assert f4.done() and queued(db) == 4
     await b.flush()
     user = await store.get_user("erin")
     assert (user.balance, user.held) == (D("0.99"), D(0)) and await store.open_holds() == 0

@@ -8,6 +8,7 @@ left behind."""
 
 import asyncio
 import json
+import sqlite3
 
 import aiohttp
 import pytest
@@ -202,8 +203,6 @@ async def test_a_stream_ends_only_once_its_charge_is_durable(gateway, faults, cl
     non-streamed answer, so a crash of the process can never lose the charge
     of an answer the client got whole.  Here another connection holds the
     database's write lock: the answer must not end until it is let go."""
-    import sqlite3
-
     fault = await faults(default=Fault(chunks=3))
     gw = await make(gateway, fault, client, upstream_protocol=upstream)
     # the key's lease is taken (a write) by a first request; the second is

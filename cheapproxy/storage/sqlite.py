@@ -138,10 +138,9 @@ _KEY_SELECT = (
 class SQLiteStorage:
     """The ``sqlite`` storage backend; see the module docstring."""
 
-    # Under sustained load a checkpoint rarely catches up with the writers, so
-    # the WAL file grows (173 MB was seen in a benchmark); SQLite reuses it
-    # from the start once a checkpoint has caught up but never shrinks it.
-    # With this limit the write that restarts the WAL truncates the file to it.
+    # The WAL starts over every checkpoint round (_catch_up), but a burst can
+    # still grow its file, which SQLite reuses from the start and never
+    # shrinks; with this limit the write that restarts the WAL cuts it back.
     wal_size_limit: int = 64 * 2**20
 
     def __init__(self, url: str, base_dir: str | Path = ".", *, busy_timeout_seconds: float = 30.0) -> None:
