@@ -134,7 +134,8 @@ class Passthrough:
     error_message: str | None = None  # an in-stream error event went by
     #: the protocol's terminal event went by (OpenAI's ``[DONE]``, Anthropic's
     #: ``message_stop``): nothing after it is for the client, so the relay
-    #: ends the response with the bytes of this read.  Left False by taps
+    #: ends the response with the bytes ``feed`` returned for this read (cut
+    #: after the terminal frame) and reads no further.  Left False by taps
     #: whose "complete" is not the last byte (Gemini's finishReason)
     ended: bool = False
 

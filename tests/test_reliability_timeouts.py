@@ -85,15 +85,16 @@ async def test_slow_stream_within_idle_timeout_is_not_cut(gateway, faults):
     assert rec.status == "ok" and rec.output_tokens == 8 and rec.input_tokens == 11 and rec.usage_source == "upstream"
 
 
+@pytest.mark.parametrize("with_end", [False, True], ids=["trailer-apart", "trailer-in-the-same-read"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-async def test_the_answer_ends_at_the_end_marker_while_the_upstream_lingers(gateway, faults, protocol):
+async def test_the_answer_ends_at_the_end_marker_while_the_upstream_lingers(gateway, faults, protocol, with_end):
     """An upstream that sends its end marker, then bytes after it, and keeps
     its body open: the client's response ends with the marker at once (not
     after the upstream's idle timeout, and with no error event after a clean
     end), the bytes after the marker never reach the client, and the
     upstream's usage is charged.  The gateway then reads the upstream for at
     most drain_seconds and hangs up."""
-    fault = await faults(default=Fault(kind="linger", chunks=3, trailer=b"data: junk after the end\n\n"))
+    fault = await faults(default=Fault(kind="linger", chunks=3, trailer=b"data: junk after the end\n\n", trailer_with_end=with_end))
     gw = await make(gateway, fault, protocol, routing="retries = 0\n[server]\ndrain_seconds = 0.3\n",
                     idle_timeout=30, first_byte_timeout=5)
     status, raw, _ = await asyncio.wait_for(post(gw, protocol, body_for(protocol, "m", stream=True)), 5)

@@ -26,7 +26,8 @@ Fault kinds:
 * ``rst``: ``chunks`` deltas, then a TCP reset (SO_LINGER 0 + abort);
 * ``redirect``: a 307 to ``location`` (a gateway must not follow it);
 * ``linger``: the whole answer, end marker included, then the HTTP body is
-  held open (``trailer`` bytes written 50 ms after the marker, if any) until the
+  held open (``trailer`` bytes written 50 ms after the marker, or with it when
+  ``trailer_with_end``, if any) until the
   peer goes away, the ``gate`` opens or the upstream is released.
 
 Silences end when the peer goes away or on :meth:`FaultUpstream.release`.
@@ -64,6 +65,7 @@ class Fault:
     piece_size: int = 0  # >0: every delta is this many 'x' (bulk streams)
     location: str = ""  # redirect target
     trailer: bytes = b""  # linger: written after the end marker
+    trailer_with_end: bool = False  # the trailer goes in the end marker's write (else 50 ms later)
 
     def pieces(self) -> list[str]:
         if self.piece_size:
@@ -342,10 +344,13 @@ class FaultUpstream:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
         if fault.kind in ("ok", "linger"):
-            for frame in wire.tail(body, len(pieces)):
+            tail = list(wire.tail(body, len(pieces)))
+            if fault.kind == "linger" and fault.trailer and fault.trailer_with_end:
+                tail[-1] += fault.trailer  # one write: the marker and the trailer in one read
+            for frame in tail:
                 await self._write(resp, frame)
             if fault.kind == "linger":
-                if fault.trailer:
+                if fault.trailer and not fault.trailer_with_end:
                     await asyncio.sleep(0.05)  # a read of its own
                     await self._write(resp, fault.trailer)
                 await self._silence(request, entry, fault.gate)

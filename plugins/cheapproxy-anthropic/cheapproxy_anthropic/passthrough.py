@@ -62,26 +62,39 @@ class MessagesPassthrough(Passthrough):
         if self.complete or self.error_message is not None or self._gave_up or not chunk:
             return chunk
         if self._parser is not None:
-            for f in self._parser.feed(chunk):
-                self._handle(f.event, f.data.encode())
+            self._parse(chunk)
             return chunk
         data = self._tail + chunk if self._tail else chunk
         if b"\r" in data:  # CRLF framing: let the full parser take over
             self._parser = SSEParser()
             self._tail = b""
-            for f in self._parser.feed(data):
-                self._handle(f.event, f.data.encode())
+            self._parse(data)
             return chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._tail = data
             self._gave_up = len(data) > _MAX_TAIL
             return chunk
+        sent = len(self._tail)  # went out with earlier reads
         region, self._tail = data[:cut], data[cut + 2:]
-        self._scan(region)
+        end = self._scan(region)
+        if end >= 0:
+            # message_stop went by: what follows its frame is not for the client
+            self._tail = b""
+            return chunk[: end + 2 - sent]
         return chunk
 
-    def _scan(self, region: bytes) -> None:
+    def _parse(self, data: bytes) -> None:
+        """CR framing, frame by frame: nothing after message_stop is read (its
+        bytes are still sent: the parser keeps no offsets)."""
+        for f in self._parser.feed(data):  # type: ignore[union-attr]
+            self._handle(f.event, f.data.encode())
+            if self.ended or self.error_message is not None:
+                return
+
+    def _scan(self, region: bytes) -> int:
+        """Read the frames of ``region`` that matter; the end of the
+        message_stop frame (before its blank line) if one went by, else -1."""
         if not self.output_seen and b"content_block_" in region:
             self.output_seen = True
         # most chunks are content deltas: two searches and done; otherwise
@@ -99,8 +112,15 @@ class MessagesPassthrough(Passthrough):
                 p = region.find(needle, e)  # the next frame on
         for s in sorted(starts):
             e = region.find(b"\n\n", s)
-            event, data = _frame_fields(region[s:] if e < 0 else region[s:e])
+            if e < 0:
+                e = len(region)
+            event, data = _frame_fields(region[s:e])
             self._handle(event, data)
+            if self.ended:
+                return e
+            if self.error_message is not None:
+                break  # after an error event nothing more is read, as in later reads
+        return -1
 
     def _handle(self, event: str | None, data: bytes) -> None:
         if not data:

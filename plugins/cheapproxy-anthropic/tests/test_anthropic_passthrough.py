@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import ClientSession
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,9 +29,14 @@ def inbound(body: dict[str, Any], *, operation: str = "chat", headers: dict[str,
 
 
 def relay(body: bytes, chunks: list[bytes], *, stream: bool = True) -> tuple[Any, bytes]:
+    """What cheapproxy.relay sends: reads until the tap saw the end marker."""
     pt = CODEC.passthrough(inbound({"model": "m", "stream": stream}), stream=stream)
-    out = b"".join(pt.feed(c) for c in chunks) + pt.close()
-    return pt, out
+    out = []
+    for c in chunks:
+        out.append(pt.feed(c))
+        if pt.ended:
+            return pt, b"".join(out)
+    return pt, b"".join(out) + pt.close()
 
 
 def test_request_replaces_only_the_model() -> None:
@@ -54,6 +60,21 @@ def test_request_defaults_and_count_tokens_path() -> None:
     up = CODEC.passthrough_request(inbound(body, operation="count_tokens"), "claude-haiku-4-5")
     assert up.path == "/v1/messages/count_tokens" and up.stream is False and up.query == {}
     assert up.headers == {"anthropic-version": "2023-06-01", "content-type": "application/json"}
+
+
+@pytest.mark.parametrize("cut", [None, 5, -9])
+def test_bytes_after_message_stop_never_reach_the_client(cut: int | None) -> None:
+    """An upstream that writes more after message_stop in the same read: the
+    client gets the stream up to that frame and not a byte after it, and a
+    message_delta after it is not read."""
+    body = golden("thinking_text_tool.sse")
+    assert body.endswith(b"message_stop\"}\n\n")
+    junk = _sse("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 999}}) + b"data: junk\n\n"
+    whole = body + junk
+    pieces = [whole] if cut is None else [whole[:cut], whole[cut:]] if cut > 0 else [whole[: len(body) + cut], whole[len(body) + cut :]]
+    pt, out = relay(whole, pieces)
+    assert out == body
+    assert pt.ended and pt.usage == ir.Usage(input_tokens=25, output_tokens=89, cache_read_tokens=2048, cache_write_tokens=1200)
 
 
 def test_stream_usage_completion_and_bytes() -> None:
@@ -192,13 +213,22 @@ def _afr(kind: str, text: str, n: int) -> bytes:
 def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str, int]], cuts: list[int]) -> None:
     """Usage, completion and errors read with byte searches equal what
     parsing every frame says, however the stream is split; event names or
-    'error' inside text never count.  Bytes always pass untouched."""
+    'error' inside text never count.  Bytes pass untouched up to the end of
+    the first message_stop (after an error event, to the end of the body)."""
     raw = [_afr(k, t, n) for k, t, n in frames]
     body = b"".join(raw)
+    upto = 0
+    for (kind, _, _), f in zip(frames, raw):
+        if kind == "error":
+            upto = len(body)
+            break
+        upto += len(f)
+        if kind == "stop":
+            break
     pieces = split(body, cuts)
     ref = CODEC.passthrough(inbound({"model": "m", "stream": True}), stream=True)
     ref._parser = SSEParser()  # the general path: every frame parsed (the same reads: both stop reading after an error)
     assert b"".join(ref.feed(p) for p in pieces) == body
     pt, out = relay(body, pieces)
-    assert out == body
+    assert out == body[:upto]
     assert (pt.usage, pt.complete, pt.error_message) == (ref.usage, ref.complete, ref.error_message)

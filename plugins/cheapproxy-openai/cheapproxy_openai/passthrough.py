@@ -190,14 +190,22 @@ class ChatStreamPassthrough(Passthrough):
             return b""
         if not self._cr and b"\r" in chunk:
             self._cr = True
+        # bytes of the frame in progress that went out with earlier reads
+        # (none when usage-only chunks are stripped: whole frames go out then)
+        sent = 0 if self.strip else len(self._buf)
         if self._cr:  # CR framing: frame by frame (rare)
             self._buf += chunk
-            frames = self._frames()
-            if not self.strip:
-                for f in frames:
-                    self._inspect(f)
-                return chunk
-            return b"".join(f for f in frames if self._inspect(f))
+            out: list[bytes] = []
+            size = 0
+            for f in self._frames():
+                size += len(f)
+                if self._inspect(f):
+                    out.append(f)
+                if self.ended:
+                    # nothing after the end marker is for the client
+                    self._buf.clear()
+                    return b"".join(out) if self.strip else chunk[: size - sent]
+            return b"".join(out) if self.strip else chunk
         if self._buf:
             self._buf += chunk
             data = bytes(self._buf)
@@ -211,6 +219,11 @@ class ChatStreamPassthrough(Passthrough):
         region = data[: cut + 2]
         self._buf = bytearray(data[cut + 2 :])
         kept = self._scan(region)
+        if self.ended:
+            # _scan cut the region after the end marker's frame: what follows
+            # it in this read is not for the client
+            self._buf.clear()
+            return kept if self.strip else kept[sent:]
         return kept if self.strip else chunk
 
     def _scan(self, region: bytes) -> bytes:
@@ -218,6 +231,16 @@ class ChatStreamPassthrough(Passthrough):
         first ones until output shows, and those that mention a usage object,
         an error or the end marker), found with byte searches over the whole
         region, so a read of fifty deltas costs a few scans, not fifty."""
+        # the first real end marker closes the stream: the frames after it are
+        # neither read nor sent
+        hits: list[int] = []
+        p = region.find(b"[DONE]")
+        while p >= 0:
+            hits.append(p)
+            if _is_done(_frame_around(region, p)):
+                region = region[: region.find(b"\n\n", p) + 2]
+                break
+            p = region.find(b"[DONE]", p + 6)
         start = 0
         while not self.output_seen:
             end = region.find(b"\n\n", start)
@@ -228,19 +251,11 @@ class ChatStreamPassthrough(Passthrough):
             start = end + 2
         # '"usage":null' rides on every delta of an include_usage stream: only
         # a usage with another value (the final object) is looked for
-        hits = self._usage_hits(region)
+        hits += self._usage_hits(region)
         p = region.find(b'"error"')
         while p >= 0:
             hits.append(p)
             p = region.find(b'"error"', p + 7)
-        # the end marker closes the stream: searched from the end, it is found
-        # at once (a search costs ~6 µs per 16 KB), and one real marker is enough
-        p = region.rfind(b"[DONE]")
-        while p >= 0:
-            hits.append(p)
-            if _is_done(_frame_around(region, p)):
-                break
-            p = region.rfind(b"[DONE]", 0, p)
         starts: set[int] = set()
         for p in hits:
             s = region.rfind(b"\n\n", 0, p)

@@ -45,7 +45,13 @@ def test_embeddings_request_goes_to_embeddings_path() -> None:
 
 
 def _relay(pt: Any, pieces: list[bytes]) -> bytes:
-    return b"".join(pt.feed(p) for p in pieces) + pt.close()
+    """What cheapproxy.relay sends: reads until the tap saw the end marker."""
+    out = []
+    for p in pieces:
+        out.append(pt.feed(p))
+        if pt.ended:
+            return b"".join(out)
+    return b"".join(out) + pt.close()
 
 
 def _split(body: bytes, cuts: list[int]) -> list[bytes]:
@@ -87,6 +93,28 @@ def test_crlf_stream_is_split_on_crlf_frames() -> None:
     assert out == body
     assert pt.usage == ir.Usage(input_tokens=32, output_tokens=12, cache_read_tokens=8, reasoning_tokens=5)
     assert pt.complete and pt.output_seen
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("strip", [False, True])
+@pytest.mark.parametrize("cut", [None, 3, -12])
+def test_bytes_after_the_end_marker_never_reach_the_client(crlf: bool, strip: bool, cut: int | None) -> None:
+    """An upstream that writes more after [DONE] in the same read: the client
+    gets the stream up to the marker's frame and not a byte after it, and
+    a usage object after the marker is not read."""
+    body = fixture("text_usage.sse")
+    junk = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":999,"completion_tokens":999}}\n\ndata: junk\n\n'
+    if crlf:
+        body, junk = body.replace(b"\n", b"\r\n"), junk.replace(b"\n", b"\r\n")
+    assert body.endswith(b"[DONE]\r\n\r\n" if crlf else b"[DONE]\n\n")
+    so = {"stream_options": {"include_usage": not strip}}
+    pt = CODEC.passthrough(inbound({**BODY, **so}), stream=True)
+    whole = body + junk
+    pieces = [whole] if cut is None else [whole[:cut], whole[cut:]] if cut > 0 else [whole[: len(body) + cut], whole[len(body) + cut :]]
+    out = _relay(pt, pieces)
+    assert pt.ended and pt.complete and pt.usage == USAGE_TEXT
+    expected = _relay(CODEC.passthrough(inbound({**BODY, **so}), stream=True), [body])
+    assert out == expected and out.endswith(b"[DONE]\r\n\r\n" if crlf else b"[DONE]\n\n")
 
 
 def test_output_seen_only_after_real_content() -> None:
@@ -195,13 +223,14 @@ def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str
     content never count."""
     raw = [_frame(k, t, n) for k, t, n in frames]
     body = b"".join(raw)
-    usage, error, complete, kept = None, None, False, []
+    usage, error, complete, kept, upto = None, None, False, [], 0
     for f in raw:
+        upto += len(f)
         data = f[5:].strip()
         if data == b"[DONE]":
             complete = True
             kept.append(f)
-            continue
+            break  # what follows the end marker is neither read nor sent
         obj = orjson.loads(data)
         if obj.get("error"):
             error = obj["error"]["message"]
@@ -213,7 +242,8 @@ def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str
         kept.append(f)
     pt = CODEC.passthrough(inbound({**BODY, "stream_options": {"include_usage": not strip}}), stream=True)
     out = _relay(pt, _split(body, cuts))
-    assert out == (b"".join(kept) if strip else body)
+    sent = body[:upto]  # the bytes up to the end of the first end marker
+    assert out == (b"".join(kept) if strip else sent)
     assert pt.complete == complete and pt.error_message == error
     if usage is None:
         assert pt.usage is None
