@@ -2,6 +2,9 @@
 official SDKs: the upstream sees its own credential and the upstream model
 name, never the client's key; answers, streams and usage arrive intact."""
 
+import asyncio
+
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -139,6 +142,27 @@ async def test_responses_relay(gateway, fake_upstream):
     assert final.output_text == "The answer is 42." and events[-1] == "response.completed"
     assert fake.log[-1]["body"]["model"] == "real-model-1"
     assert_clean_upstream(fake, gw, "authorization")
+
+
+async def test_responses_stream_ends_with_the_terminal_event_while_the_upstream_lingers(gateway, fake_upstream):
+    """An upstream that sends [DONE] with response.completed and keeps its body
+    open: the client's stream ends with the terminal event at once, the
+    [DONE] never reaches it, and the upstream's usage is charged."""
+    fake = await fake_upstream("openai-responses")
+    gw = await gateway(fake.toml("up") + model_toml("m1", "up", "real-model-1") + "[server]\ndrain_seconds = 0.3\n")
+    body = {"model": "m1", "input": "hello [linger]", "stream": True}
+
+    async def ask():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gw.key}"}) as r:
+                return r.status, await r.read()
+
+    status, raw = await asyncio.wait_for(ask(), 5)
+    assert status == 200 and b"[DONE]" not in raw
+    assert raw.endswith(b"\n\n") and raw.rstrip().rsplit(b"\n", 2)[-2] == b"event: response.completed"
+    await gw.idle()
+    [rec] = await gw.storage.list_usage()
+    assert rec.status == "ok" and rec.usage_source == "upstream" and (rec.input_tokens, rec.output_tokens) == (10, 7)
 
 
 async def test_embeddings_relay(gateway, fake_upstream):

@@ -13,7 +13,9 @@ Protocol-specific details:
 * ``[custom]`` (beyond fakes.md) answers one ``custom_tool_call`` named
   ``apply_patch`` whose raw input comes in two fragments;
 * ``[cut]`` sends the first text delta and ends the body without a terminal
-  event; ``[image]`` reports the media type of the first ``input_image``
+  event; ``[linger]`` answers the text, writes a ``data: [DONE]`` with the
+  terminal event and keeps the body open (at most 30 s) until the peer hangs
+  up; ``[image]`` reports the media type of the first ``input_image``
   (``unknown`` when a URL has no recognisable extension).
 
 Validation mirrors what the real API rejects and translation bugs produce:
@@ -26,6 +28,8 @@ image data URLs, ``input_file`` data without ``filename``,
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import json
 import mimetypes
@@ -290,8 +294,8 @@ def _scenario(body: dict[str, Any]) -> tuple[str, str]:
         return "tool_result", "Tool said: " + "".join(_texts(items[first].get("output")))
     last_user = next((it for it in reversed(items) if it["type"] == "message" and it.get("role") == "user"), {})
     text = " ".join(_texts(last_user.get("content")))
-    for tag in ("error400", "error500", "error429", "cut", "tool", "parallel", "custom", "think", "length", "image",
-                "json", "echo"):
+    for tag in ("error400", "error500", "error429", "cut", "linger", "tool", "parallel", "custom", "think", "length",
+                "image", "json", "echo"):
         if f"[{tag}]" in text:
             if tag == "image":
                 return tag, f"image: {_first_image(items)}"
@@ -324,7 +328,7 @@ def _plan(scenario: str, text: str) -> tuple[list[str], list[str], str]:
         return [], ["The answer", " is"], "incomplete"
     if scenario == "json":
         return [], ['{"answer"', ": 42}"], "completed"
-    if scenario in ("text", "cut"):
+    if scenario in ("text", "cut", "linger"):
         return [], ["The answer", " is", " 42."], "completed"
     third = max(len(text) // 3, 1)  # one-piece answers still come in 3 deltas
     return [], [text[:third], text[third: 2 * third], text[2 * third:]], "completed"
@@ -380,11 +384,11 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
     await resp.prepare(request)
     seq = 0
 
-    async def send(event: str, payload: dict[str, Any]) -> None:
+    async def send(event: str, payload: dict[str, Any], trailer: bytes = b"") -> None:
         nonlocal seq
         data = {"type": event, "sequence_number": seq, **payload}
         seq += 1
-        await resp.write(f"event: {event}\ndata: {_dumps(data)}\n\n".encode())
+        await resp.write(f"event: {event}\ndata: {_dumps(data)}\n\n".encode() + trailer)
 
     reasoning, texts, status = _plan(scenario, text)
     await send("response.created", {"response": _response(body, "in_progress", [], None)})
@@ -449,7 +453,17 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
             "name": "apply_patch", "input": "".join(_PATCH)}})
     output, status, reasoning_tokens = _final_output(scenario, text)
     terminal = "response.incomplete" if status == "incomplete" else "response.completed"
-    await send(terminal, {"response": _response(body, status, output, _usage(reasoning_tokens))})
+    if scenario == "linger":
+        # the terminal event and a [DONE] in one write, then the body stays
+        # open (for at most 30 s) until the peer hangs up
+        await send(terminal, {"response": _response(body, status, output, _usage(reasoning_tokens))},
+                   b"data: [DONE]\n\n")
+        for _ in range(300):
+            if request.transport is None or request.transport.is_closing():
+                break
+            await asyncio.sleep(0.1)
+    else:
+        await send(terminal, {"response": _response(body, status, output, _usage(reasoning_tokens))})
     await resp.write_eof()
     return resp
 

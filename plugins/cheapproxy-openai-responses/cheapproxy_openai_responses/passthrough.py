@@ -39,6 +39,7 @@ class ResponsesPassthrough(Passthrough):
         self.error_message: str | None = None
         self._pending = bytearray()  # the unfinished last frame (stream) or the body
         self._ended = False  # a terminal event went by: stop looking
+        self._final = False  # it was response.completed, .incomplete or .failed: nothing follows
 
     def feed(self, chunk: bytes) -> bytes:
         if self._ended or not chunk:
@@ -47,6 +48,7 @@ class ResponsesPassthrough(Passthrough):
             self._pending += chunk
             return chunk
         pending = self._pending
+        sent = len(pending)  # bytes of the region that went out with earlier reads
         if pending:
             pending += chunk
             end = _last_boundary(pending)
@@ -65,7 +67,13 @@ class ResponsesPassthrough(Passthrough):
             region = chunk if end == len(chunk) else chunk[:end]
             if end != len(chunk):
                 pending += chunk[end:]
-        self._scan(region)
+        cut = self._scan(region)
+        if cut >= 0:
+            # the terminal event went by: what follows its frame is not for
+            # the client, and the relay reads no further
+            self.ended = True
+            pending.clear()
+            return chunk[: cut - sent]
         return chunk
 
     def close(self) -> bytes:
@@ -80,14 +88,14 @@ class ResponsesPassthrough(Passthrough):
 
     # ------------------------------------------------------------ stream
 
-    def _scan(self, region: bytes) -> None:
+    def _scan(self, region: bytes) -> int:
         """Look at the ``event:`` lines only (a few short finds per frame);
-        parse JSON only for terminal and error frames."""
+        parse JSON only for terminal and error frames.  The end of the
+        terminal event's frame when one went by, else -1."""
         i = region.find(b"event:")
         if i < 0:
             # an upstream without event lines: fall back to looking at the data
-            self._scan_data(region)
-            return
+            return self._scan_data(region)
         wanted = False
         while i >= 0:
             j = region.find(b"\n", i)
@@ -97,28 +105,37 @@ class ResponsesPassthrough(Passthrough):
             elif not self.output_seen and name.startswith(_OUTPUT_EVENTS):
                 self.output_seen = True
             i = region.find(b"event:", j) if j >= 0 else -1
-        if wanted:
-            self._parse(region)
+        return self._parse(region) if wanted else -1
 
-    def _scan_data(self, region: bytes) -> None:
+    def _scan_data(self, region: bytes) -> int:
         if not self.output_seen and any(m in region for m in _OUTPUT_EVENTS):
             self.output_seen = True
         if any(m in region for m in _TERMINAL_EVENTS):
-            self._parse(region)
+            return self._parse(region)
+        return -1
 
-    def _parse(self, region: bytes) -> None:
-        for frame in SSEParser().feed(region + b"\n\n"):
-            data = frame.data
-            if not any(m in data for m in _STR_MARKERS) or data.startswith("[DONE]"):
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                self._event(obj)
-            if self._ended:
-                return
+    def _parse(self, region: bytes) -> int:
+        """Frame by frame (a region that names a terminal event: once a
+        stream): the end of the frame that ended the stream, or -1."""
+        pos, size = 0, len(region)
+        while pos < size:
+            end = _next_boundary(region, pos)
+            for frame in SSEParser().feed(region[pos:end] + b"\n\n"):
+                data = frame.data
+                if not any(m in data for m in _STR_MARKERS) or data.startswith("[DONE]"):
+                    continue
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    self._event(obj)
+                if self._ended:
+                    # an error event stops the reading, not the relay: a
+                    # response.failed may follow it
+                    return end if self._final else -1
+            pos = end
+        return -1
 
     def _event(self, obj: dict[str, Any]) -> None:
         # response.failed and error end a Responses stream too: ``complete``
@@ -134,6 +151,7 @@ class ResponsesPassthrough(Passthrough):
                 self.output_seen = True
             if t == "response.failed":
                 self.error_message = error_fields(resp.get("error"))[0]
+            self._final = True
         elif t == "error":
             err = obj.get("error") if isinstance(obj.get("error"), dict) else obj
             self.error_message = error_fields(err)[0]
@@ -157,6 +175,16 @@ class ResponsesPassthrough(Passthrough):
             self.error_message = error_fields(obj.get("error"))[0]
         self.complete = True  # the whole body arrived
         self._ended = True
+
+
+def _next_boundary(buf: bytes, pos: int) -> int:
+    """End offset of the frame that starts at ``pos`` (the end of ``buf`` when
+    no blank line follows)."""
+    lf = buf.find(b"\n\n", pos)
+    crlf = buf.find(b"\r\n\r\n", pos)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 4
+    return lf + 2 if lf >= 0 else len(buf)
 
 
 def _last_boundary(buf: bytes | bytearray) -> int:

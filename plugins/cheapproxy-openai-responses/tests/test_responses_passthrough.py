@@ -23,9 +23,14 @@ def inbound(body: dict[str, Any]) -> Inbound:
 
 
 def tap_all(chunks: list[bytes], *, stream: bool = True) -> tuple[Any, bytes]:
+    """What cheapproxy.relay sends: reads until the tap saw the terminal event."""
     tap = PROTO.passthrough(inbound({"model": "m", "stream": stream}), stream=stream)
-    out = b"".join(tap.feed(c) for c in chunks) + tap.close()
-    return tap, out
+    out = []
+    for c in chunks:
+        out.append(tap.feed(c))
+        if tap.ended:
+            return tap, b"".join(out)
+    return tap, b"".join(out) + tap.close()
 
 
 def test_request_body_only_model_replaced() -> None:
@@ -49,7 +54,9 @@ def test_request_body_only_model_replaced() -> None:
 def test_stream_tap_reads_usage_and_completion(name: str, usage: ir.Usage) -> None:
     body = fixture(name)
     tap, out = tap_all([body])
-    assert out == body
+    # the client's stream ends with the terminal event: an upstream's trailing
+    # [DONE] (parallel_done.sse) is not part of a Responses stream
+    assert out == body.removesuffix(b"data: [DONE]\n\n")
     assert tap.usage == usage and tap.complete is True and tap.output_seen is True and tap.error_message is None
 
 
@@ -65,6 +72,33 @@ def test_stream_tap_is_chunking_independent(name: str, cuts: list[int]) -> None:
     assert out == body
     assert (tap.usage, tap.complete, tap.output_seen, tap.error_message) == (
         whole.usage, whole.complete, whole.output_seen, whole.error_message)
+
+
+@pytest.mark.parametrize("cut", [None, 7, -5])
+@pytest.mark.parametrize("crlf", [False, True])
+def test_bytes_after_the_terminal_event_never_reach_the_client(cut: int | None, crlf: bool) -> None:
+    """An upstream that writes more after response.completed (here a stray
+    event with usage, and [DONE]) in the same read: the tap ends the stream
+    with the terminal frame, and nothing after it is sent or read."""
+    body = fixture("text.sse")
+    junk = (b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+            b'{"input_tokens":999,"output_tokens":999}}}\n\ndata: [DONE]\n\n')
+    if crlf:
+        body, junk = body.replace(b"\n", b"\r\n"), junk.replace(b"\n", b"\r\n")
+    whole = body + junk
+    pieces = [whole] if cut is None else [whole[:cut], whole[cut:]] if cut > 0 else [whole[: len(body) + cut], whole[len(body) + cut :]]
+    tap, out = tap_all(pieces)
+    assert tap.ended and tap.complete
+    assert out == body
+    assert tap.usage == ir.Usage(input_tokens=138, cache_read_tokens=1152, output_tokens=18)
+
+
+def test_an_error_event_does_not_end_the_relay() -> None:
+    """An ``error`` event stops the reading but not the relay: what follows
+    (a response.failed, say) still reaches the client."""
+    body = fixture("error_event.sse")
+    tap, out = tap_all([body])
+    assert out == body and not tap.ended and tap.error_message
 
 
 def test_stream_tap_without_event_lines() -> None:
