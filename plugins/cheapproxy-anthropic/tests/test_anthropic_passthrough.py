@@ -16,6 +16,7 @@ from cheapproxy import ir
 from cheapproxy.protocol import Inbound
 from cheapproxy.sse import SSEParser
 from cheapproxy.testing.fake_anthropic import make_app
+from cheapproxy.testing.taps import relayed
 
 from anthropic_testlib import CLAUDE_CODE_BODY, CODEC, golden, split
 
@@ -29,14 +30,8 @@ def inbound(body: dict[str, Any], *, operation: str = "chat", headers: dict[str,
 
 
 def relay(body: bytes, chunks: list[bytes], *, stream: bool = True) -> tuple[Any, bytes]:
-    """What cheapproxy.relay sends: reads until the tap saw the end marker."""
     pt = CODEC.passthrough(inbound({"model": "m", "stream": stream}), stream=stream)
-    out = []
-    for c in chunks:
-        out.append(pt.feed(c))
-        if pt.ended:
-            return pt, b"".join(out)
-    return pt, b"".join(out) + pt.close()
+    return pt, relayed(pt, chunks)
 
 
 def test_request_replaces_only_the_model() -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from cheapproxy import ir
 from cheapproxy.protocol import Inbound
 from cheapproxy.testing.fake_openai_responses import make_app
+from cheapproxy.testing.taps import relayed
 
 from responses_testlib import PROTO, codex_body, fixture
 
@@ -23,14 +24,8 @@ def inbound(body: dict[str, Any]) -> Inbound:
 
 
 def tap_all(chunks: list[bytes], *, stream: bool = True) -> tuple[Any, bytes]:
-    """What cheapproxy.relay sends: reads until the tap saw the terminal event."""
     tap = PROTO.passthrough(inbound({"model": "m", "stream": stream}), stream=stream)
-    out = []
-    for c in chunks:
-        out.append(tap.feed(c))
-        if tap.ended:
-            return tap, b"".join(out)
-    return tap, b"".join(out) + tap.close()
+    return tap, relayed(tap, chunks)
 
 
 def test_request_body_only_model_replaced() -> None:

@@ -14,6 +14,7 @@ from openai_chat_helpers import CODEC, fixture, inbound, sse_payloads
 
 from cheapproxy import ir
 from cheapproxy.testing.fake_openai_chat import make_app
+from cheapproxy.testing.taps import relayed
 
 BODY = {
     "model": "client-name",
@@ -44,16 +45,6 @@ def test_embeddings_request_goes_to_embeddings_path() -> None:
     assert up.path == "/embeddings" and orjson.loads(up.body) == {**body, "model": "text-embedding-3-small"}
 
 
-def _relay(pt: Any, pieces: list[bytes]) -> bytes:
-    """What cheapproxy.relay sends: reads until the tap saw the end marker."""
-    out = []
-    for p in pieces:
-        out.append(pt.feed(p))
-        if pt.ended:
-            return b"".join(out)
-    return b"".join(out) + pt.close()
-
-
 def _split(body: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(body) + 1) for c in cuts})
     out, prev = [], 0
@@ -68,7 +59,7 @@ def _split(body: bytes, cuts: list[int]) -> list[bytes]:
 def test_client_asked_for_usage_bytes_are_untouched(cuts: list[int]) -> None:
     body = fixture("text_usage.sse")
     pt = CODEC.passthrough(inbound({**BODY, "stream_options": {"include_usage": True}}), stream=True)
-    assert _relay(pt, _split(body, cuts)) == body
+    assert relayed(pt, _split(body, cuts)) == body
     assert pt.usage == USAGE_TEXT and pt.complete and pt.output_seen and pt.error_message is None
 
 
@@ -77,7 +68,7 @@ def test_client_asked_for_usage_bytes_are_untouched(cuts: list[int]) -> None:
 def test_client_did_not_ask_usage_chunk_is_stripped(cuts: list[int]) -> None:
     body = fixture("text_usage.sse")
     pt = CODEC.passthrough(inbound(BODY), stream=True)
-    out = _relay(pt, _split(body, cuts))
+    out = relayed(pt, _split(body, cuts))
     frames = body.split(b"\n\n")
     expected = b"\n\n".join(f for f in frames if b'"choices":[]' not in f)
     assert out == expected and len(out) < len(body)
@@ -88,7 +79,7 @@ def test_client_did_not_ask_usage_chunk_is_stripped(cuts: list[int]) -> None:
 def test_crlf_stream_is_split_on_crlf_frames() -> None:
     body = fixture("combined_crlf.sse")
     pt = CODEC.passthrough(inbound(BODY), stream=True)
-    out = _relay(pt, [body[i : i + 7] for i in range(0, len(body), 7)])
+    out = relayed(pt, [body[i : i + 7] for i in range(0, len(body), 7)])
     # the usage here rides on a content chunk: it is read and the chunk kept
     assert out == body
     assert pt.usage == ir.Usage(input_tokens=32, output_tokens=12, cache_read_tokens=8, reasoning_tokens=5)
@@ -111,9 +102,9 @@ def test_bytes_after_the_end_marker_never_reach_the_client(crlf: bool, strip: bo
     pt = CODEC.passthrough(inbound({**BODY, **so}), stream=True)
     whole = body + junk
     pieces = [whole] if cut is None else [whole[:cut], whole[cut:]] if cut > 0 else [whole[: len(body) + cut], whole[len(body) + cut :]]
-    out = _relay(pt, pieces)
+    out = relayed(pt, pieces)
     assert pt.ended and pt.complete and pt.usage == USAGE_TEXT
-    expected = _relay(CODEC.passthrough(inbound({**BODY, **so}), stream=True), [body])
+    expected = relayed(CODEC.passthrough(inbound({**BODY, **so}), stream=True), [body])
     assert out == expected and out.endswith(b"[DONE]\r\n\r\n" if crlf else b"[DONE]\n\n")
 
 
@@ -128,12 +119,12 @@ def test_output_seen_only_after_real_content() -> None:
 def test_error_and_cut_streams() -> None:
     pt = CODEC.passthrough(inbound(BODY), stream=True)
     body = fixture("error_midstream.sse")
-    assert _relay(pt, [body]) == body
+    assert relayed(pt, [body]) == body
     assert pt.error_message == "The server had an error while processing your request. Sorry about that!"
     assert not pt.complete and pt.usage is None
     pt = CODEC.passthrough(inbound(BODY), stream=True)
     body = fixture("cut.sse")
-    assert _relay(pt, [body[:50], body[50:]]) == body
+    assert relayed(pt, [body[:50], body[50:]]) == body
     assert not pt.complete and pt.output_seen and pt.error_message is None
 
 
@@ -156,7 +147,7 @@ def test_non_streamed_body_and_usage_from_body() -> None:
     expected = ir.Usage(input_tokens=8, output_tokens=7, cache_read_tokens=5, cache_write_tokens=2, reasoning_tokens=3)
     assert CODEC.usage_from_body(body) == expected
     pt = CODEC.passthrough(inbound({**BODY, "stream": False}), stream=False)
-    assert _relay(pt, [body[:20], body[20:]]) == body
+    assert relayed(pt, [body[:20], body[20:]]) == body
     assert pt.usage == expected and pt.complete and pt.output_seen
     emb = b'{"object":"list","data":[],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}'
     assert CODEC.usage_from_body(emb) == ir.Usage(input_tokens=8)
@@ -241,7 +232,7 @@ def test_tap_agrees_with_a_full_parse_of_every_frame(frames: list[tuple[str, str
                 continue
         kept.append(f)
     pt = CODEC.passthrough(inbound({**BODY, "stream_options": {"include_usage": not strip}}), stream=True)
-    out = _relay(pt, _split(body, cuts))
+    out = relayed(pt, _split(body, cuts))
     sent = body[:upto]  # the bytes up to the end of the first end marker
     assert out == (b"".join(kept) if strip else sent)
     assert pt.complete == complete and pt.error_message == error
