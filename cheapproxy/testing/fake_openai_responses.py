@@ -30,7 +30,6 @@ image data URLs, ``input_file`` data without ``filename``,
 from __future__ import annotations
 
 import asyncio
-
 import json
 import mimetypes
 import re
