@@ -4,6 +4,7 @@ the few frames that carry them (message_start, message_delta, error)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from cheapproxy.sse import SSEParser
 from .common import usage_from_wire
 
 _MAX_TAIL = 16 * 2**20  # a frame larger than this stops the bookkeeping, never the relay
+_LINE = re.compile(rb"[^\r\n]*+(?:\r\n|\r|\n)")  # one line with its ending (CRLF, CR or LF)
 
 
 def usage_from_body(body: bytes) -> ir.Usage | None:
@@ -62,14 +64,15 @@ class MessagesPassthrough(Passthrough):
         if self.complete or self.error_message is not None or self._gave_up or not chunk:
             return chunk
         if self._parser is not None:
-            self._parse(chunk)
-            return chunk
+            end = self._parse(chunk)
+            return chunk if end < 0 else chunk[:end]
         data = self._tail + chunk if self._tail else chunk
-        if b"\r" in data:  # CRLF framing: let the full parser take over
+        if b"\r" in data:  # CR or CRLF framing: let the full parser take over
             self._parser = SSEParser()
+            sent = len(self._tail)  # went out with earlier reads
             self._tail = b""
-            self._parse(data)
-            return chunk
+            end = self._parse(data)
+            return chunk if end < 0 else chunk[: end - sent]
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._tail = data
@@ -84,13 +87,25 @@ class MessagesPassthrough(Passthrough):
             return chunk[: end + 2 - sent]
         return chunk
 
-    def _parse(self, data: bytes) -> None:
-        """CR framing, frame by frame: nothing after message_stop is read (its
-        bytes are still sent: the parser keeps no offsets)."""
-        for f in self._parser.feed(data):  # type: ignore[union-attr]
-            self._handle(f.event, f.data.encode())
-            if self.ended or self.error_message is not None:
-                return
+    def _parse(self, data: bytes) -> int:
+        """CR framing (rare), line by line so that the end of each frame is
+        known: the offset in ``data`` after the line that ended the
+        message_stop frame, else -1.  Nothing after message_stop or an error
+        event is read."""
+        parser = self._parser
+        assert parser is not None
+        pos = 0
+        for m in _LINE.finditer(data):
+            pos = m.end()
+            for f in parser.feed(m.group()):
+                self._handle(f.event, f.data.encode())
+                if self.ended:
+                    return pos
+                if self.error_message is not None:
+                    return -1
+        if pos < len(data):
+            parser.feed(data[pos:])  # a line not ended yet
+        return -1
 
     def _scan(self, region: bytes) -> int:
         """Read the frames of ``region`` that matter; the end of the
