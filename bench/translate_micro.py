@@ -9,8 +9,9 @@ DIR/stream/v1/messages; made in a temporary directory when --payloads is not
 given), cuts each into reads of ``--read`` bytes and, per stream, does what the
 gateway's relay does between socket reads: build the upstream protocol's stream
 decoder and the client protocol's stream encoder (as pipeline.attempt_one and
-relay._stream_events do), ``decoder.feed`` each read, ``encoder.encode`` each IR
-event, then ``decoder.close`` / ``encoder.close``.  Two directions:
+relay._stream_events do, TextRuns asked for unless --no-runs), ``decoder.feed``
+each read, ``encoder.encode`` each IR event (``encode_text_run`` each TextRun),
+then ``decoder.close`` / ``encoder.close``.  Two directions:
 
   a<-o  Anthropic-Messages client, OpenAI-Chat upstream
   o<-a  OpenAI-Chat client (include_usage), Anthropic-Messages upstream
@@ -57,17 +58,18 @@ def _reads(body: bytes, size: int) -> list[bytes]:
     return [body[i:i + size] for i in range(0, len(body), size)]
 
 
-def _translate(up: Any, client: Any, ctx: EncodeContext, reads: list[bytes]) -> Callable[[], int]:
+def _translate(up: Any, client: Any, ctx: EncodeContext, reads: list[bytes], runs: bool) -> Callable[[], int]:
     def one() -> int:
         dec = up.stream_decoder()
+        dec.text_runs = runs
         enc = client.stream_encoder(ctx)
-        encode = enc.encode
+        encode, encode_run = enc.encode, enc.encode_text_run
         n = 0
         out = [enc.start()]
         for chunk in reads:
             for ev in dec.feed(chunk):
                 n += 1
-                out.append(encode(ev))
+                out.append(encode_run(ev) if ev.type == "text_run" else encode(ev))
         for ev in dec.close():
             n += 1
             out.append(encode(ev))
@@ -76,9 +78,10 @@ def _translate(up: Any, client: Any, ctx: EncodeContext, reads: list[bytes]) -> 
     return one
 
 
-def _decode_only(up: Any, reads: list[bytes]) -> Callable[[], int]:
+def _decode_only(up: Any, reads: list[bytes], runs: bool) -> Callable[[], int]:
     def one() -> int:
         dec = up.stream_decoder()
+        dec.text_runs = runs
         n = 0
         for chunk in reads:
             n += len(dec.feed(chunk))
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--payloads", help="a make_payloads.py output directory (default: make one)")
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--read", type=int, default=4096, help="bytes per upstream read")
+    ap.add_argument("--no-runs", action="store_true",
+                    help="a TextDelta per text frame (the relay asks decoders for TextRuns)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(a.payloads) if a.payloads else pathlib.Path(tmp)
@@ -119,11 +124,11 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {a.iters} streams x 5, reads of {a.read} B")
     for name, up, client, ctx, body in cases:
         reads = _reads(body, a.read)
-        full = _translate(up, client, ctx, reads)
+        full = _translate(up, client, ctx, reads, not a.no_runs)
         events = full()
         t_full = _best(full, a.iters)
-        t_dec = _best(_decode_only(up, reads), a.iters)
-        print(f"{name}: {len(body)} B in {len(reads)} reads, {events} IR events: "
+        t_dec = _best(_decode_only(up, reads, not a.no_runs), a.iters)
+        print(f"{name}: {len(body)} B in {len(reads)} reads, {events} IR events{'' if a.no_runs else ' (runs)'}: "
               f"decode+encode {t_full:7.1f} us/stream ({t_full / events * 1000:6.0f} ns/event), "
               f"decode alone {t_dec:7.1f} us/stream")
 

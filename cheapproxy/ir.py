@@ -261,6 +261,22 @@ class TextDelta:
 
 
 @attrs.define
+class TextRun:
+    """Consecutive TextDeltas of block ``index`` as one event: what a decoder
+    gives, when asked (``StreamDecoder.text_runs``), for text frames that
+    arrived together in one read.  It stands for ``TextDelta(index, t)`` for
+    each ``t`` in ``texts`` (none empty); ``literals`` are the same texts as
+    ``orjson.dumps`` writes them, so that an encoder can build all their frames
+    by joining bytes (``StreamEncoder.encode_text_run``) instead of one call
+    per delta."""
+
+    index: int
+    texts: list[str]
+    literals: list[bytes]
+    type: Literal["text_run"] = attrs.field(default="text_run", kw_only=True)
+
+
+@attrs.define
 class ReasoningDelta:
     index: int
     text: str = ""
@@ -310,7 +326,8 @@ class StreamError:
 
 
 StreamEvent = Union[
-    MessageStart, PartStart, TextDelta, ReasoningDelta, ToolCallDelta, PartStop, UsageUpdate, MessageStop, StreamError
+    MessageStart, PartStart, TextDelta, TextRun, ReasoningDelta, ToolCallDelta, PartStop, UsageUpdate, MessageStop,
+    StreamError,
 ]
 
 
@@ -378,6 +395,10 @@ class ResponseAccumulator:
             p = self.parts[ev.index]
             assert isinstance(p, TextPart)
             p.text += ev.text
+        elif isinstance(ev, TextRun):
+            p = self.parts[ev.index]
+            assert isinstance(p, TextPart)
+            p.text += "".join(ev.texts)
         elif isinstance(ev, ReasoningDelta):
             p = self.parts[ev.index]
             assert isinstance(p, ReasoningPart)

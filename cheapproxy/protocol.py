@@ -92,6 +92,12 @@ class StreamEncoder:
     def encode(self, event: ir.StreamEvent) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def encode_text_run(self, run: ir.TextRun) -> bytes:
+        """The bytes of ``run``: by default, ``encode`` of each of its
+        TextDeltas.  An encoder may build them at once from ``run.literals``
+        (the same bytes, fewer calls); ``encode`` itself never gets a run."""
+        return b"".join([self.encode(ir.TextDelta(run.index, t)) for t in run.texts])
+
     def error(self, err: ProxyError) -> bytes:
         """The protocol's in-stream error event, sent when the stream fails
         after it started; the stream then ends."""
@@ -109,7 +115,14 @@ class StreamDecoder:
     and must emit what is pending.  If the body ended without the protocol's
     end marker, ``close`` emits a StreamError (``kind="upstream_failed"``,
     message says the stream was cut), never a clean MessageStop.
+
+    ``text_runs`` is set True by a consumer that takes ``ir.TextRun`` events
+    (the streaming relay, whose encoder has ``encode_text_run``): a decoder
+    may then give the text frames that came in one read as one TextRun
+    instead of a TextDelta each.  Left False, it never gives a TextRun.
     """
+
+    text_runs: bool = False
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:  # pragma: no cover - interface
         raise NotImplementedError

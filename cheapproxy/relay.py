@@ -74,6 +74,8 @@ class UsageTracker:
         t = ev.type
         if t == "text_delta" or t == "reasoning_delta":
             self.chars += len(ev.text)  # type: ignore[union-attr]
+        elif t == "text_run":
+            self.chars += sum(map(len, ev.texts))  # type: ignore[union-attr]
         elif t == "tool_call_delta":
             self.chars += len(ev.arguments)  # type: ignore[union-attr]
         elif t == "usage" or t == "message_start":
@@ -444,6 +446,10 @@ async def _collect(call: Call, ctx: EncodeContext, source: Any, tracker: UsageTr
 async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: EncodeContext, source: Any,
                          tracker: UsageTracker) -> web.StreamResponse:
     encoder = call.protocol.stream_encoder(ctx)
+    run = getattr(encoder, "encode_text_run", None)
+    decoder = getattr(source, "decoder", None)
+    if run is not None and decoder is not None and hasattr(decoder, "text_runs"):
+        decoder.text_runs = True  # text frames that come together go as one TextRun
     sink = Sink(call, request, _send_timeout(proxy))
     try:
         finished = False
@@ -459,7 +465,7 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
                         raise UpstreamError(ev.kind, ev.message, status=ev.status, retryable=True)  # type: ignore[union-attr]
                     failed = ProxyError(ev.kind, ev.message, status=ev.status)  # type: ignore[union-attr]
                     break
-                data = encoder.encode(ev)
+                data = run(ev) if ev.type == "text_run" else encoder.encode(ev)  # type: ignore[misc]
                 if data:
                     parts.append(data)
             if parts:

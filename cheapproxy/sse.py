@@ -9,7 +9,9 @@ TCP read never assumed to be one event.
 
 from __future__ import annotations
 
+import operator
 import re
+from itertools import repeat
 from typing import Any, NamedTuple, Optional, Tuple
 
 import orjson
@@ -71,6 +73,10 @@ class SSEParser:
         self._data: list[bytes] = []
         self.max_frame_bytes = max_frame_bytes
         self._pending_cr = False
+
+    def idle(self) -> bool:
+        """Whether nothing of a frame is held (the next byte starts a frame)."""
+        return not self._buf and not self._data and self._event is None and not self._pending_cr
 
     def feed(self, chunk: bytes) -> list[SSEFrame]:
         return [SSEFrame(event, data.decode("utf-8", errors="replace")) for event, data in self.feed_raw(chunk)]
@@ -241,6 +247,10 @@ class StringSlot:
         self.stop = 0
         self.learns = learns  # attempts left: a stream whose frames never repeat stops paying for them
 
+    @property
+    def learned(self) -> bool:
+        return self.size < 1 << 62
+
     def match(self, raw: bytes) -> str | None:
         if len(raw) > self.size and raw.startswith(self.head) and raw.endswith(self.tail):
             try:
@@ -284,6 +294,177 @@ class StringSlot:
             self.head, self.tail, self.size = head, tail, len(head) + len(tail)
             self.start, self.stop = len(head), -len(tail)
         return ok
+
+
+_RUN_WINDOW = 32 * 1024  # bytes one attempt at a run looks at (a longer run takes several)
+_RUN_LEAST = 16  # frames a read must have room for before a run is looked for (fewer go faster one by one)
+_LEARNING_FRAMES = 16  # frames fed one at a time, at most, while a stream's text frame is being learned
+_LEARNING_READ = 4096  # a smaller read is fed whole while learning (a run is unlikely in it)
+
+
+def _first_false(flags: list[bool], limit: int) -> int:
+    try:
+        return min(flags.index(False), limit)
+    except ValueError:
+        return limit
+
+
+def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: bytes) -> tuple[list[str], list[bytes], int] | None:
+    """The run of whole LF frames at ``buf[pos:]`` that are each an ``event:
+    <event>`` line (when ``event`` is not None), then one data line ``head +
+    S + tail``, then a blank line, S being a JSON string literal exactly as
+    ``orjson.dumps`` writes it: (the strings, their literals, the offset after
+    the run), or None when the frame at ``pos`` is not one.  The frames are
+    split and checked by C calls over the whole run (a split, maps, one
+    parse), not a Python call per frame."""
+    lines = buf[pos : pos + _RUN_WINDOW].split(b"\n")
+    per = 2 if event is None else 3  # lines a frame takes, its blank line last
+    k = (len(lines) - 1) // per  # frames whose blank line has ended
+    if k == 0:
+        return None
+    datas = lines[per - 2 : k * per : per]
+    k = _first_false(list(map(bytes.startswith, datas, repeat(head))), k)
+    blanks = lines[per - 1 : k * per : per]
+    if blanks.count(b"") != k:
+        k = _first_false(list(map(operator.not_, blanks)), k)
+    if event is not None:
+        events = lines[0 : k * per : per]
+        if events.count(event) != k:
+            k = _first_false(list(map(event.__eq__, events)), k)
+    for _ in range(2):  # the second time with k cut to the frames that hold
+        if k == 0:
+            return None
+        literals = list(map(operator.getitem, datas[:k], repeat(slice(len(head), -len(tail)))))
+        try:
+            texts = _loads(b"[" + b",".join(literals) + b"]")
+            ok = len(texts) == k and set(map(type, texts)) == {str} and list(map(_dumps, texts)) == literals
+        except (ValueError, TypeError):  # not JSON, or not as orjson writes it
+            ok = False
+        if ok:
+            # the frames rebuilt from the literals are the bytes read: each
+            # frame is the learned one around its literal (this checks the tails)
+            first = head if event is None else event + b"\n" + head
+            sep = tail + b"\n\n" + first
+            run = first + sep.join(literals) + tail + b"\n\n"
+            if buf.startswith(run, pos):
+                return texts, literals, pos + len(run)
+        # some frame is not the learned one: the run ends before the first such
+        k = _first_false(list(map(bytes.endswith, datas[:k], repeat(tail))), k)
+        k = _valid_literals(datas[:k], len(head), len(tail))
+    return None
+
+
+def _valid_literals(datas: list[bytes], h: int, t: int) -> int:
+    """How many of ``datas`` in a row hold, between ``h`` and ``-t``, a JSON
+    string as orjson writes it."""
+    for n, data in enumerate(datas):
+        lit = data[h:-t]
+        try:
+            text = _loads(lit)
+            if type(text) is not str or _dumps(text) != lit:
+                return n
+        except (ValueError, TypeError):
+            return n
+    return len(datas)
+
+
+class RunReader:
+    """Feeds a decoder's reads so that runs of its learned text frame
+    (``StringSlot``) come out whole (``string_run``) and every other frame
+    goes its usual way, frame for frame what the usual way alone would give.
+
+    ``event`` is the learned frame's event name (``content_block_delta`` for
+    Anthropic; None for OpenAI, whose frames have no event line).
+    Runs are looked for only in LF-framed reads that begin at a frame
+    boundary; while nothing is learned, the first frames of a stream go one
+    at a time so that a stream read whole still has its run."""
+
+    __slots__ = ("slot", "event", "learning", "least", "_learned_head", "_head", "_tail")
+
+    def __init__(self, slot: StringSlot, event: str | None = None) -> None:
+        self.slot = slot
+        self.event = None if event is None else b"event: " + event.encode()
+        self.learning = _LEARNING_FRAMES
+        # a read shorter than this goes the usual way without a look (the
+        # caller checks): _RUN_LEAST learned frames once learned, _LEARNING_READ
+        # while learning, "never" when nothing was learned in time
+        self.least = _LEARNING_READ
+        self._learned_head = b""
+        self._head = b""
+        self._tail = b""
+
+    def _sync(self) -> bool:
+        """Whether a text frame is learned (its run's head and tail kept)."""
+        slot = self.slot
+        if not slot.learned:
+            if self.learning <= 0 or slot.learns <= 0:
+                self.least = 1 << 62
+            return False
+        if slot.head is not self._learned_head:
+            self._learned_head = slot.head
+            self._head = b"data: " + slot.head
+            self._tail = slot.tail
+            self.least = _RUN_LEAST * (len(self.event or b"") + 1 + len(self._head) + 2 + len(self._tail) + 2)
+        return True
+
+    def feed(self, chunk: bytes, parser: SSEParser, ready: Any, usual: Any, emit: Any) -> None:
+        """``usual(data)`` for whole frames (or the rest of the read) the usual
+        way, ``emit(texts, literals)`` for a run (no text empty); ``ready()``
+        says whether the decoder's state lets the learned frame go without its
+        usual way (its block open, the stream not ended).  The caller gives a
+        read shorter than ``least`` (a frame or so: the usual streaming pace)
+        to ``usual`` at once, so runs cost nothing where there are none."""
+        self._sync()
+        if len(chunk) < self.least or b"\r" in chunk:
+            usual(chunk)
+            return
+        pos, n = 0, len(chunk)
+        if not parser.idle():
+            # the frame an earlier read began ends first, the usual way
+            pos = 1 if chunk[:1] == b"\n" and parser._buf.endswith(b"\n") else _frame_end(chunk, 0)
+            usual(chunk[:pos])
+            if not parser.idle():
+                if pos < n:
+                    usual(chunk[pos:])
+                return
+        while pos < n:
+            if self._sync():
+                if n - pos < self.least:
+                    nxt = n
+                elif ready():
+                    found = string_run(chunk, pos, self.event, self._head, self._tail)
+                    if found is not None:
+                        texts, literals, pos = found
+                        if "" in texts:  # an empty delta says nothing: no event, as the usual way
+                            literals = [lit for t, lit in zip(texts, literals) if t]
+                            texts = [t for t in texts if t]
+                        if texts:
+                            emit(texts, literals)
+                        continue
+                    nxt = _frame_starting(chunk, self.event or self._head, pos + 1)
+                else:
+                    nxt = _frame_end(chunk, pos)  # this frame may change the state
+            elif self.learning > 0 and self.slot.learns > 0:
+                self.learning -= 1
+                nxt = _frame_end(chunk, pos)
+            else:
+                nxt = n
+            usual(chunk[pos:nxt] if pos or nxt < n else chunk)
+            pos = nxt
+
+
+def _frame_end(buf: bytes, pos: int) -> int:
+    end = buf.find(b"\n\n", pos)
+    return len(buf) if end < 0 else end + 2
+
+
+def _frame_starting(buf: bytes, head: bytes, pos: int) -> int:
+    """Offset of the next frame from ``pos`` on that begins with ``head``, or
+    the end of ``buf``."""
+    i = buf.find(head, pos)
+    while i >= 0 and buf[i - 2 : i] != b"\n\n":
+        i = buf.find(head, i + 1)
+    return len(buf) if i < 0 else i
 
 
 def load_data(raw: bytes) -> Any:

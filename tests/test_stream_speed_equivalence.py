@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cheapproxy import ir, sse
 from cheapproxy.protocol import EncodeContext, Inbound
+from cheapproxy.relay import UsageTracker
 from cheapproxy.sse import SSEFrame, SSEParser, StringSlot
 from cheapproxy_anthropic import stream as anthropic_stream
 from cheapproxy_anthropic.codec import AnthropicMessagesProtocol
@@ -460,15 +461,64 @@ def _encoders(name: str) -> tuple[Any, Any]:
     return ChatStreamEncoder(ctx), ReferenceChatEncoder(ctx)
 
 
+def _expand(batch: Any) -> Any:
+    """A read's events with each TextRun as the TextDeltas it stands for."""
+    if not isinstance(batch, list):
+        return batch
+    out: list[Any] = []
+    for ev in batch:
+        if isinstance(ev, ir.TextRun):
+            assert ev.texts and all(ev.texts) and ev.literals == [orjson.dumps(t) for t in ev.texts]
+            out += [ir.TextDelta(ev.index, t) for t in ev.texts]
+        else:
+            out.append(ev)
+    return out
+
+
+def _encode_runs(encoder: Any, batches: list[Any]) -> tuple[bytes, list[Any]]:
+    """What the relay sends for these reads' events (TextRuns through
+    encode_text_run): all the bytes, and the failures."""
+    ids = _Ids()
+    outcomes = []
+    with mock.patch.object(anthropic_stream, "new_message_id", ids.message):
+        outcomes.append(_outcome(encoder.start))
+        for ev in (ev for batch in batches if isinstance(batch, list) for ev in batch):
+            outcomes.append(_outcome(encoder.encode_text_run if ev.type == "text_run" else encoder.encode, ev))
+        outcomes.append(_outcome(encoder.close))
+    return b"".join(o for o in outcomes if isinstance(o, bytes)), [o for o in outcomes if not isinstance(o, bytes)]
+
+
 def check_stream(new_decoder: Any, ref_decoder: Any, chunks: list[bytes]) -> list[Any]:
-    """Decoders agree read by read; then every client encoder agrees on the events."""
+    """Decoders agree read by read, also when they give TextRuns (each run
+    standing for its TextDeltas); then every client encoder agrees on the
+    events, and sends the same bytes for the runs."""
     got = _decode(new_decoder, chunks)
     want = _decode(ref_decoder, chunks)
     assert got == want
+    # runs as the relay takes them, and looked for in any read (the
+    # thresholds that keep them to big reads lowered)
+    runs_decoder = type(new_decoder)()
+    runs_decoder.text_runs = True
+    assert [_expand(b) for b in _decode(runs_decoder, chunks)] == want
+    with mock.patch.object(sse, "_RUN_LEAST", 1), mock.patch.object(sse, "_LEARNING_READ", 0):
+        runs_decoder = type(new_decoder)()
+        runs_decoder.text_runs = True
+        with_runs = _decode(runs_decoder, chunks)
+    assert [_expand(b) for b in with_runs] == want
     events = [ev for batch in want if isinstance(batch, list) for ev in batch]
+    # what the relay counts for the estimate of an answer cut short
+    counts = []
+    for batches in (want, with_runs):
+        tracker = UsageTracker()
+        for ev in (ev for batch in batches if isinstance(batch, list) for ev in batch):
+            tracker.see(ev)
+        counts.append((tracker.chars, tracker.usage, tracker.stop, tracker.error))
+    assert counts[0] == counts[1]
     for name in CTXS:
         new_enc, ref_enc = _encoders(name)
         assert _encode(new_enc, events) == _encode(ref_enc, events), name
+        run_enc, plain_enc = _encoders(name)
+        assert _encode_runs(run_enc, with_runs) == _encode_runs(plain_enc, [events]), name
     return events
 
 
@@ -722,6 +772,18 @@ def test_bench_streams_take_the_shortcut_and_match(make: Any, new: Any, ref: Any
     events = check_stream(decoder, ref(), [body])
     assert decoder.slot.size < len(body)  # the text chunks were recognised (the shortcut ran)
     assert sum(isinstance(e, ir.TextDelta) for e in events) == 12
+    # empty deltas inside a run say nothing, as one by one
+    empty = body.replace(orjson.dumps(" w5é\""), b'""').replace(orjson.dumps(" w9é\""), b'""')
+    assert empty != body
+    check_stream(new(), ref(), [empty])
+    # a stream read whole, with runs asked for: the first text delta teaches
+    # the frame, the other 49 come as one TextRun (12 go one by one: too few)
+    for n, run in ((50, [49]), (12, [])):
+        runs = new()
+        runs.text_runs = True
+        got = runs.feed(make(n))
+        assert [len(e.texts) for e in got if isinstance(e, ir.TextRun)] == run
+        assert sum(isinstance(e, ir.TextDelta) for e in got) == n - sum(run)
     small = make(3)
     for i in range(len(small) + 1):  # cut at every byte
         check_stream(new(), ref(), [small[:i], small[i:]])

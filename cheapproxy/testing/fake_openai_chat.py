@@ -211,7 +211,7 @@ def _first_image(msgs: list[dict[str, Any]]) -> str:
     return "none"
 
 
-_TAGS = ("error400", "error500", "error429", "cut", "tool", "parallel", "think", "length", "image", "json", "echo")
+_TAGS = ("error400", "error500", "error429", "cut", "burst", "tool", "parallel", "think", "length", "image", "json", "echo")
 
 
 def _scenario(body: dict[str, Any]) -> tuple[str, str]:
@@ -235,6 +235,10 @@ def _scenario(body: dict[str, Any]) -> tuple[str, str]:
     return "text", "The answer is 42."
 
 
+# [burst]: a 40-delta answer whose whole stream goes out in one write (an
+# upstream faster than the gateway reads it, or one that buffers)
+BURST_WORDS = ["Burst"] + [f" w{i}" for i in range(1, 38)] + [' "quoted"', " é."]
+
 _CALLS = {
     "tool": [("call_fake_weather", "get_weather", ['{"city": ', '"Paris"}'])],
     "parallel": [
@@ -254,6 +258,8 @@ def _plan(scenario: str, text: str) -> tuple[list[tuple[str, str]], str]:
         return [("text", "The answer"), ("text", " is")], "length"
     if scenario == "json":
         return [("text", '{"answer"'), ("text", ": 42}")], "stop"
+    if scenario == "burst":
+        return [("text", w) for w in BURST_WORDS], "stop"
     if scenario == "text" or scenario == "cut":
         return [("text", "The answer"), ("text", " is"), ("text", " 42.")], "stop"
     # one-piece answers (image, echo, tool results) still come in 3 deltas
@@ -294,6 +300,13 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
     model = body["model"]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    held: list[bytes] | None = [] if scenario == "burst" else None  # [burst]: all in one write, at the end
+
+    async def put(data: bytes) -> None:
+        if held is None:
+            await resp.write(data)
+        else:
+            held.append(data)
 
     def frame(delta: dict[str, Any], finish: str | None = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -307,25 +320,27 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
 
     steps, finish = _plan(scenario, text)
     first = {"role": "assistant", "content": None if scenario in _CALLS else "", "refusal": None}
-    await resp.write(frame(first))
+    await put(frame(first))
     if scenario == "cut":
-        await resp.write(frame({"content": steps[0][1]}))
+        await put(frame({"content": steps[0][1]}))
         await resp.write_eof()  # the body ends here, without finish chunk or [DONE]
         return resp
     for kind, frag in steps:
-        await resp.write(frame({"reasoning_content" if kind == "reasoning" else "content": frag}))
+        await put(frame({"reasoning_content" if kind == "reasoning" else "content": frag}))
     for index, (cid, name, frags) in enumerate(_CALLS.get(scenario, [])):
         head = {"index": index, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}
-        await resp.write(frame({"tool_calls": [head]}))
+        await put(frame({"tool_calls": [head]}))
         for frag in frags:
-            await resp.write(frame({"tool_calls": [{"index": index, "function": {"arguments": frag}}]}))
-    await resp.write(frame({}, finish))
+            await put(frame({"tool_calls": [{"index": index, "function": {"arguments": frag}}]}))
+    await put(frame({}, finish))
     if include_usage:
         reasoning = 3 if any(k == "reasoning" for k, _ in steps) else 0
         last = {"id": CHAT_ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
                 "system_fingerprint": "fp_fake", "choices": [], "usage": _usage(reasoning)}
-        await resp.write(b"data: " + _dumps(last).encode() + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
+        await put(b"data: " + _dumps(last).encode() + b"\n\n")
+    await put(b"data: [DONE]\n\n")
+    if held is not None:
+        await resp.write(b"".join(held))
     await resp.write_eof()
     return resp
 

@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser, StringSlot, load_data
+from cheapproxy.sse import RunReader, SSEParser, StringSlot, load_data
 
 from .common import (
     NAME, error_status_type, sanitize_tool_id, signature_to_wire, stop_from_wire, stop_to_wire,
@@ -21,6 +21,7 @@ from .response import new_message_id
 _dumps = orjson.dumps
 _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
+_TextRun = ir.TextRun
 _TEXT_PATH = ("delta", "text")
 
 
@@ -181,6 +182,14 @@ class MessagesStreamEncoder(StreamEncoder):
             return blk.head + _dumps(text) + _TAIL if blk is not None and blk.kind == "text" and text else b""
         return self._encode(event)
 
+    def encode_text_run(self, run: ir.TextRun) -> bytes:
+        blk = self.blocks.get(run.index)
+        if self.started and not self.done and blk is not None and blk.kind == "text":
+            # what encode gives for each delta, joined at once
+            head = blk.head
+            return head + (_TAIL + head).join(run.literals) + _TAIL
+        return super().encode_text_run(run)
+
     def _encode(self, event: ir.StreamEvent) -> bytes:
         if self.done:
             return b""
@@ -251,9 +260,28 @@ class MessagesStreamDecoder(StreamDecoder):
         # the usual text_delta frame, learned from the stream (one text block at a time)
         self.slot = StringSlot(learns=8)
         self.slot_index: Any = None  # the wire "index" of the learned frame
+        self.runs = RunReader(self.slot, "content_block_delta")
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []
+        if self.text_runs and len(chunk) >= self.runs.least:
+            self.runs.feed(chunk, self.parser, self._run_ready, lambda data: self._feed(data, events),
+                           lambda texts, literals: self._run(texts, literals, events))
+        else:
+            self._feed(chunk, events)
+        return events
+
+    def _run_ready(self) -> bool:
+        return not self.done
+
+    def _run(self, texts: list[str], literals: list[bytes], events: list[ir.StreamEvent]) -> None:
+        """Learned text_delta frames: what ``feed`` does with each, as one event."""
+        i = self.index_map.get(self.slot_index)
+        if i is None:
+            return
+        events.append(_TextRun(i, texts, literals))
+
+    def _feed(self, chunk: bytes, events: list[ir.StreamEvent]) -> None:
         match = self.slot.match
         for event, raw in self.parser.feed_raw(chunk):
             text = None if self.done or event == "ping" else match(raw)
@@ -265,7 +293,6 @@ class MessagesStreamDecoder(StreamDecoder):
                 i = self.index_map.get(self.slot_index)
                 if i is not None:
                     events.append(_TextDelta(i, text))
-        return events
 
     def close(self) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []

@@ -10,7 +10,7 @@ import orjson
 from cheapproxy import ir
 from cheapproxy.errors import ProxyError
 from cheapproxy.protocol import EncodeContext, StreamDecoder, StreamEncoder
-from cheapproxy.sse import SSEParser, StringSlot, load_data
+from cheapproxy.sse import RunReader, SSEParser, StringSlot, load_data
 
 from .common import (
     NAME,
@@ -29,6 +29,7 @@ DONE = b"data: [DONE]\n\n"
 _dumps = orjson.dumps
 _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
+_TextRun = ir.TextRun
 _CONTENT_PATH = ("choices", 0, "delta", "content")
 
 
@@ -91,6 +92,13 @@ class ChatStreamEncoder(StreamEncoder):
             text = event.text
             return self._text_head + _dumps(text) + self._text_tail if text else b""
         return self._encode(event)
+
+    def encode_text_run(self, run: ir.TextRun) -> bytes:
+        if self.started and not self.stopped and not self.ended:
+            # what encode gives for each delta, joined at once
+            head, tail = self._text_head, self._text_tail
+            return head + (tail + head).join(run.literals) + tail
+        return super().encode_text_run(run)
 
     def _encode(self, event: ir.StreamEvent) -> bytes:
         if self.ended:
@@ -238,6 +246,7 @@ class ChatStreamDecoder(StreamDecoder):
         self.refused = False
         self.usage: ir.Usage | None = None
         self.slot = StringSlot()  # the usual text chunk, learned from the stream itself
+        self.runs = RunReader(self.slot)
 
     # -- blocks
 
@@ -428,6 +437,22 @@ class ChatStreamDecoder(StreamDecoder):
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
         out: list[ir.StreamEvent] = []
+        if self.text_runs and len(chunk) >= self.runs.least:
+            self.runs.feed(chunk, self.parser, self._run_ready, lambda data: self._feed(data, out),
+                           lambda texts, literals: self._run(texts, literals, out))
+        else:
+            self._feed(chunk, out)
+        return out
+
+    def _run_ready(self) -> bool:
+        opened = self.open
+        return opened is not None and opened[0] == "text" and not self.done and not self.failed
+
+    def _run(self, texts: list[str], literals: list[bytes], out: list[ir.StreamEvent]) -> None:
+        """Learned text chunks: what ``_content`` does with each, as one event."""
+        out.append(_TextRun(self.open[1], texts, literals))  # type: ignore[index]
+
+    def _feed(self, chunk: bytes, out: list[ir.StreamEvent]) -> None:
         match = self.slot.match
         for _, raw in self.parser.feed_raw(chunk):
             content = None if self.done or self.failed else match(raw)
@@ -437,7 +462,6 @@ class ChatStreamDecoder(StreamDecoder):
                 # the bytes of a learned text chunk around another content
                 # string: what _frame -> _text_chunk does with it, unparsed
                 self._content(content, out)
-        return out
 
     def close(self) -> list[ir.StreamEvent]:
         out: list[ir.StreamEvent] = []
