@@ -407,13 +407,25 @@ class RunReader:
             self.least = _RUN_LEAST * (len(self.event or b"") + 1 + len(self._head) + 2 + len(self._tail) + 2)
         return True
 
+    def decode(self, decoder: Any, chunk: bytes) -> list[Any]:
+        """``decoder.feed(chunk)`` for a decoder that has ``text_runs``,
+        ``parser``, ``_feed(data, out)`` (the usual way), ``_run_ready()``
+        and ``_run(texts, literals, out)``."""
+        out: list[Any] = []
+        if decoder.text_runs and len(chunk) >= self.least:
+            self.feed(chunk, decoder.parser, decoder._run_ready, lambda data: decoder._feed(data, out),
+                      lambda texts, literals: decoder._run(texts, literals, out))
+        else:
+            decoder._feed(chunk, out)
+        return out
+
     def feed(self, chunk: bytes, parser: SSEParser, ready: Any, usual: Any, emit: Any) -> None:
         """``usual(data)`` for whole frames (or the rest of the read) the usual
         way, ``emit(texts, literals)`` for a run (no text empty); ``ready()``
         says whether the decoder's state lets the learned frame go without its
-        usual way (its block open, the stream not ended).  The caller gives a
+        usual way (its block open, the stream not ended).  ``decode`` gives a
         read shorter than ``least`` (a frame or so: the usual streaming pace)
-        to ``usual`` at once, so runs cost nothing where there are none."""
+        to the usual way at once, so runs cost nothing where there are none."""
         self._sync()
         if len(chunk) < self.least or b"\r" in chunk:
             usual(chunk)

@@ -263,13 +263,7 @@ class MessagesStreamDecoder(StreamDecoder):
         self.runs = RunReader(self.slot, "content_block_delta")
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
-        events: list[ir.StreamEvent] = []
-        if self.text_runs and len(chunk) >= self.runs.least:
-            self.runs.feed(chunk, self.parser, self._run_ready, lambda data: self._feed(data, events),
-                           lambda texts, literals: self._run(texts, literals, events))
-        else:
-            self._feed(chunk, events)
-        return events
+        return self.runs.decode(self, chunk)
 
     def _run_ready(self) -> bool:
         return not self.done

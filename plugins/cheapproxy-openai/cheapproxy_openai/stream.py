@@ -436,13 +436,7 @@ class ChatStreamDecoder(StreamDecoder):
         out.append(ir.MessageStop(stop_reason=stop, usage=self.usage))
 
     def feed(self, chunk: bytes) -> list[ir.StreamEvent]:
-        out: list[ir.StreamEvent] = []
-        if self.text_runs and len(chunk) >= self.runs.least:
-            self.runs.feed(chunk, self.parser, self._run_ready, lambda data: self._feed(data, out),
-                           lambda texts, literals: self._run(texts, literals, out))
-        else:
-            self._feed(chunk, out)
-        return out
+        return self.runs.decode(self, chunk)
 
     def _run_ready(self) -> bool:
         opened = self.open
