@@ -385,8 +385,8 @@ class RunReader:
         self.slot = slot
         self.event = None if event is None else b"event: " + event.encode()
         self.learning = _LEARNING_FRAMES
-        # a read shorter than this goes the usual way without a look (the
-        # caller checks): _RUN_LEAST learned frames once learned, _LEARNING_READ
+        # a read shorter than this goes the usual way without a look
+        # (``decode``): _RUN_LEAST learned frames once learned, _LEARNING_READ
         # while learning, "never" when nothing was learned in time
         self.least = _LEARNING_READ
         self._learned_head = b""
