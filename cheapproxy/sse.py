@@ -409,41 +409,35 @@ class RunReader:
 
     def decode(self, decoder: Any, chunk: bytes) -> list[Any]:
         """``decoder.feed(chunk)`` for a decoder that has ``text_runs``,
-        ``parser``, ``_feed(data, out)`` (the usual way), ``_run_ready()``
-        and ``_run(texts, literals, out)``."""
-        out: list[Any] = []
-        if decoder.text_runs and len(chunk) >= self.least:
-            self.feed(chunk, decoder.parser, decoder._run_ready, lambda data: decoder._feed(data, out),
-                      lambda texts, literals: decoder._run(texts, literals, out))
-        else:
-            decoder._feed(chunk, out)
-        return out
-
-    def feed(self, chunk: bytes, parser: SSEParser, ready: Any, usual: Any, emit: Any) -> None:
-        """``usual(data)`` for whole frames (or the rest of the read) the usual
-        way, ``emit(texts, literals)`` for a run (no text empty); ``ready()``
-        says whether the decoder's state lets the learned frame go without its
-        usual way (its block open, the stream not ended).  ``decode`` gives a
+        ``parser``, ``_feed(data, out)`` (its usual way with whole frames, or
+        the rest of a read), ``_run_ready()`` (whether its state lets the
+        learned frame skip the usual way: its block open, the stream not
+        ended) and ``_run(texts, literals, out)`` (a run, no text empty).  A
         read shorter than ``least`` (a frame or so: the usual streaming pace)
-        to the usual way at once, so runs cost nothing where there are none."""
+        goes the usual way at once, so runs cost nothing where there are none."""
+        out: list[Any] = []
+        if not decoder.text_runs or len(chunk) < self.least:
+            decoder._feed(chunk, out)
+            return out
         self._sync()
         if len(chunk) < self.least or b"\r" in chunk:
-            usual(chunk)
-            return
+            decoder._feed(chunk, out)
+            return out
+        usual, parser = decoder._feed, decoder.parser
         pos, n = 0, len(chunk)
         if not parser.idle():
             # the frame an earlier read began ends first, the usual way
             pos = 1 if chunk[:1] == b"\n" and parser._buf.endswith(b"\n") else _frame_end(chunk, 0)
-            usual(chunk[:pos])
+            usual(chunk[:pos], out)
             if not parser.idle():
                 if pos < n:
-                    usual(chunk[pos:])
-                return
+                    usual(chunk[pos:], out)
+                return out
         while pos < n:
             if self._sync():
                 if n - pos < self.least:
                     nxt = n
-                elif ready():
+                elif decoder._run_ready():
                     found = string_run(chunk, pos, self.event, self._head, self._tail)
                     if found is not None:
                         texts, literals, pos = found
@@ -451,7 +445,7 @@ class RunReader:
                             literals = [lit for t, lit in zip(texts, literals) if t]
                             texts = [t for t in texts if t]
                         if texts:
-                            emit(texts, literals)
+                            decoder._run(texts, literals, out)
                         continue
                     nxt = _frame_starting(chunk, self.event or self._head, pos + 1)
                 else:
@@ -461,8 +455,9 @@ class RunReader:
                 nxt = _frame_end(chunk, pos)
             else:
                 nxt = n
-            usual(chunk[pos:nxt] if pos or nxt < n else chunk)
+            usual(chunk[pos:nxt] if pos or nxt < n else chunk, out)
             pos = nxt
+        return out
 
 
 def _frame_end(buf: bytes, pos: int) -> int:

@@ -514,6 +514,9 @@ def check_stream(new_decoder: Any, ref_decoder: Any, chunks: list[bytes]) -> lis
             tracker.see(ev)
         counts.append((tracker.chars, tracker.usage, tracker.stop, tracker.error))
     assert counts[0] == counts[1]
+    # and folded into one answer (ir.collect), a run is its deltas
+    run_events = [ev for batch in with_runs if isinstance(batch, list) for ev in batch]
+    assert _outcome(ir.collect, run_events) == _outcome(ir.collect, events)
     for name in CTXS:
         new_enc, ref_enc = _encoders(name)
         assert _encode(new_enc, events) == _encode(ref_enc, events), name
