@@ -299,3 +299,32 @@ async def test_a_long_queue_is_applied_in_chunks(tmp_path):
         assert [e.balance_after for e in ledger][-1] == user.balance
     finally:
         await s.close()
+
+
+async def test_the_background_fold_goes_in_short_steps_with_the_loop_free_between(tmp_path):
+    """A fold runs on the loop's own connection, so every request waits while
+    one runs: a long queue is applied ``fold_step`` rows per transaction, and
+    other coroutines run between the steps (each sees the queue shorter by
+    a step, never half a step), until all of it is applied."""
+    s = SQLiteStorage("sqlite:///q.db", tmp_path)
+    s.fold_every, s.fold_after, s.fold_step = 3600, 50, 10
+    await s.open()
+    try:
+        u = await s.create_user("joe", D("10"))
+        assert await s.hold("L", user_id=u.id, key_id=None, amount=D("5"))
+        await s.charge_batch([("L", D("0.01"), rec("first", u.id, None), "charge")])  # the exact path: the lease is learned
+        seen = []
+        await s.charge_batch([("L", D("0.001"), rec(f"r{i}", u.id, None), "charge") for i in range(55)])
+        for _ in range(200):  # the fold was started by the batch (55 >= fold_after)
+            seen.append(queued(tmp_path / "q.db"))
+            if not seen[-1]:
+                break
+            await asyncio.sleep(0)
+        steps = sorted(set(seen), reverse=True)
+        assert steps[0] == 55 and steps[-1] == 0
+        assert all(n % 10 == 5 for n in steps[:-1]) and len(steps) >= 4  # whole steps of 10, seen between them
+        user = await s.get_user("joe")
+        assert user.balance == D("10") - D("0.01") - 55 * D("0.001")
+        assert await ledger_sum(s, u.id) == user.balance and len(await s.ledger(u.id)) == 57
+    finally:
+        await s.close()

@@ -709,12 +709,28 @@ class SQLiteStorage:
         if self._folder is None or self._folder.done():
             self._folder = asyncio.get_running_loop().create_task(self._fold())
 
+    # rows the background fold applies per transaction: a fold runs on the
+    # loop's own connection and stalls every request while it runs (~20 µs a
+    # row), so a long queue goes in short steps with the loop's turn between
+    fold_step: int = 32
+
     async def _fold(self) -> None:
         n, self._queued = self._queued, 0
         try:
             # on the loop's own connection (in aiosqlite's thread the fold
-            # fought the loop for the GIL and stalled requests longer)
-            await self._in_thread_tx(_nothing)
+            # fought the loop for the GIL and stalled requests longer); at
+            # most the rows that were queued when it began (rows queued since
+            # schedule a fold of their own), so it never chases a busy queue
+            left = max(n, 1)
+            while left > 0:
+                want = min(self.fold_step, left)
+                done = await self._in_thread_tx(_fold_some, want, fold=False)
+                left -= done
+                if done < want:
+                    break  # the queue is empty (another process may have applied it)
+                await asyncio.sleep(0)
+                if self._db is None:
+                    return
         except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
             self._queued += n
             log.warning("storage.fold_failed", error=f"{type(exc).__name__}: {exc}")
@@ -1107,12 +1123,20 @@ def _fold_sync(conn: sqlite3.Connection) -> int:
     the caller's transaction).  Returns how many were applied."""
     total = 0
     while True:
-        rows = conn.execute(f"SELECT id, {', '.join(_QUEUE_COLS)} FROM charge_queue ORDER BY id LIMIT {_FOLD_CHUNK}").fetchall()
-        if not rows:
+        done = _fold_some(conn, _FOLD_CHUNK)
+        total += done
+        if done < _FOLD_CHUNK:
             return total
+
+
+def _fold_some(conn: sqlite3.Connection, limit: int) -> int:
+    """Apply the ``limit`` oldest queued charges (inside the caller's
+    transaction); the rest stay queued.  Returns how many were applied."""
+    rows = conn.execute(f"SELECT id, {', '.join(_QUEUE_COLS)} FROM charge_queue ORDER BY id LIMIT ?", (limit,)).fetchall()
+    if rows:
         _apply_charges(conn, [(r[1], r[2], r[3], r[4], tuple(r)[5:]) for r in rows], strict=False)
         conn.execute("DELETE FROM charge_queue WHERE id <= ?", (rows[-1][0],))
-        total += len(rows)
+    return len(rows)
 
 
 def _after_fold(fn: Any) -> Any:
