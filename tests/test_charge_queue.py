@@ -303,9 +303,10 @@ async def test_a_long_queue_is_applied_in_chunks(tmp_path):
 
 async def test_the_background_fold_goes_in_short_steps_with_the_loop_free_between(tmp_path):
     """A fold runs on the loop's own connection, so every request waits while
-    one runs: a long queue is applied ``fold_step`` rows per transaction, and
-    other coroutines run between the steps (each sees the queue shorter by
-    a step, never half a step), until all of it is applied."""
+    one runs: a long queue is applied ``fold_step`` rows per transaction,
+    ``fold_pause`` apart, and other coroutines run between the steps (each
+    sees the queue shorter by a step, never half a step), until all of it is
+    applied."""
     s = SQLiteStorage("sqlite:///q.db", tmp_path)
     s.fold_every, s.fold_after, s.fold_step = 3600, 50, 10
     await s.open()
@@ -315,11 +316,11 @@ async def test_the_background_fold_goes_in_short_steps_with_the_loop_free_betwee
         await s.charge_batch([("L", D("0.01"), rec("first", u.id, None), "charge")])  # the exact path: the lease is learned
         seen = []
         await s.charge_batch([("L", D("0.001"), rec(f"r{i}", u.id, None), "charge") for i in range(55)])
-        for _ in range(200):  # the fold was started by the batch (55 >= fold_after)
+        for _ in range(500):  # the fold was started by the batch (55 >= fold_after)
             seen.append(queued(tmp_path / "q.db"))
             if not seen[-1]:
                 break
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)
         steps = sorted(set(seen), reverse=True)
         assert steps[0] == 55 and steps[-1] == 0
         assert all(n % 10 == 5 for n in steps[:-1]) and len(steps) >= 4  # whole steps of 10, seen between them
