@@ -301,6 +301,7 @@ _RUN_WINDOW = 32 * 1024  # bytes one attempt at a run looks at (a longer run tak
 _RUN_LEAST = 16  # frames a read must have room for before a run is looked for (fewer go faster one by one)
 _LEARNING_FRAMES = 16  # frames fed one at a time, at most, while a stream's text frame is being learned
 _LEARNING_READ = 4096  # a smaller read is fed whole while learning (a run is unlikely in it)
+_RUN_MISSES = 4  # looks in a row that find no run before a stream stops looking (frames that vary, e.g. obfuscated)
 
 
 def _first_false(flags: list[bool], limit: int) -> int:
@@ -318,6 +319,13 @@ def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: byt
     the run), or None when the frame at ``pos`` is not one.  The frames are
     cut into lines and checked by C calls over the whole run (maps, one
     parse), not a Python call per frame."""
+    # the first frame first, so that a look that finds none costs that frame
+    # alone, not the window: it begins with its event line and head, and its
+    # data line ends with the tail
+    first = head if event is None else event + b"\n" + head
+    end = buf.find(b"\n", pos + len(first))
+    if end < 0 or not buf.startswith(first, pos) or not buf.startswith(tail + b"\n\n", end - len(tail)):
+        return None
     # BytesIO.readlines finds line ends with memchr: a third of what
     # bytes.split(b"\n") costs, which compares byte by byte (each line keeps
     # its "\n"; the buffer is shared, not copied)
@@ -351,7 +359,6 @@ def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: byt
         if ok:
             # the frames rebuilt from the literals are the bytes read: each
             # frame is the learned one around its literal (this checks the tails)
-            first = head if event is None else event + b"\n" + head
             sep = tail + b"\n\n" + first
             run = first + sep.join(literals) + tail + b"\n\n"
             if buf.startswith(run, pos):
@@ -387,7 +394,7 @@ class RunReader:
     boundary; while nothing is learned, the first frames of a stream go one
     at a time so that a stream read whole still has its run."""
 
-    __slots__ = ("slot", "event", "learning", "least", "_learned_head", "_head", "_tail")
+    __slots__ = ("slot", "event", "learning", "least", "misses", "_learned_head", "_head", "_tail")
 
     def __init__(self, slot: StringSlot, event: str | None = None) -> None:
         self.slot = slot
@@ -397,6 +404,7 @@ class RunReader:
         # (``decode``): _RUN_LEAST learned frames once learned, _LEARNING_READ
         # while learning, "never" when nothing was learned in time
         self.least = _LEARNING_READ
+        self.misses = 0  # looks in a row that found no run
         self._learned_head = b""
         self._head = b""
         self._tail = b""
@@ -448,6 +456,7 @@ class RunReader:
                 elif decoder._run_ready():
                     found = string_run(chunk, pos, self.event, self._head, self._tail)
                     if found is not None:
+                        self.misses = 0
                         texts, literals, pos = found
                         if "" in texts:  # an empty delta says nothing: no event, as the usual way
                             literals = [lit for t, lit in zip(texts, literals) if t]
@@ -455,7 +464,16 @@ class RunReader:
                         if texts:
                             decoder._run(texts, literals, out)
                         continue
-                    nxt = _frame_starting(chunk, self.event or self._head, pos + 1)
+                    self.misses += 1
+                    if self.misses >= _RUN_MISSES:
+                        # the learned frame starts frames that are not it
+                        # (a field that changes in every frame): each look
+                        # cost a scan for nothing, so this stream stops
+                        # looking (until another frame is learned)
+                        self.least = 1 << 62
+                        nxt = n
+                    else:
+                        nxt = _frame_starting(chunk, self.event or self._head, pos + 1)
                 else:
                     nxt = _frame_end(chunk, pos)  # this frame may change the state
             elif self.learning > 0 and self.slot.learns > 0:

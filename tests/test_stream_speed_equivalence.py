@@ -557,7 +557,10 @@ def chat_stream(draw: Any) -> bytes:
         if usage_null and "usage" not in extra:
             obj["usage"] = None
         if obfuscate:
-            obj["obfuscation"] = draw(st.text(alphabet="abcXYZ", max_size=4))
+            # OpenAI's letters and digits (cut before the shortcut), or
+            # anything else (parsed as it came)
+            obj["obfuscation"] = draw(st.text(alphabet="abcXYZ09" if draw(st.booleans()) else 'aZ0-_ "\\é,{}:',
+                                              max_size=6))
         frames.append(_json(obj, style))
 
     def delta(d: dict[str, Any], finish: Any = None, index: int = 0) -> None:
@@ -763,6 +766,41 @@ def _bench_messages(n: int = 12) -> bytes:
                                   "usage": {"output_tokens": 50}}),
                ("message_stop", {"type": "message_stop"})]
     return b"".join(b"event: " + e.encode() + b"\ndata: " + orjson.dumps(d) + b"\n\n" for e, d in frames)
+
+
+def _obfuscated(body: bytes) -> bytes:
+    """``body`` with OpenAI's default padding on every JSON chunk: a last
+    ``"obfuscation"`` member of random letters and digits, new in each."""
+    frames = []
+    for i, frame in enumerate(body.split(b"\n\n")):
+        if frame.startswith(b"data: {"):
+            frame = frame[:-1] + b',"obfuscation":"' + b"aZ3k9Q"[: i % 6 + 1] + str(i).encode() + b'"}'
+        frames.append(frame)
+    return b"\n\n".join(frames)
+
+
+def test_obfuscated_chat_streams_take_the_shortcut_and_stop_looking_for_runs() -> None:
+    """OpenAI pads each chunk with a new ``"obfuscation"`` string unless the
+    request says ``include_obfuscation: false``: the decoder learns its text
+    chunk without it (else no chunk would ever match the learned one), and a
+    stream read whole, whose learned frame never forms a run, stops looking
+    for runs after a few looks (each look used to scan the read: a 16 KB
+    read took 16 times the time)."""
+    body = _obfuscated(_bench_chat(50))
+    assert body.count(b'"obfuscation"') == 53
+    decoder = ChatStreamDecoder()
+    check_stream(decoder, ReferenceChatDecoder(), [body])
+    assert decoder.slot.learned and b"obfuscation" not in decoder.slot.tail
+    text = body.split(b"\n\n")[5][len(b"data: "):]
+    assert b'"obfuscation":"' in text and decoder.slot.match(text) is None
+    assert decoder.slot.match(openai_stream.without_obfuscation(text)) == " w4é\""
+    runs = ChatStreamDecoder()
+    runs.text_runs = True
+    got = runs.feed(body)
+    assert not any(isinstance(e, ir.TextRun) for e in got) and sum(isinstance(e, ir.TextDelta) for e in got) == 50
+    assert runs.runs.misses == sse._RUN_MISSES and runs.runs.least == 1 << 62  # no more looks in this stream
+    for cut in range(0, len(body), 997):
+        check_stream(ChatStreamDecoder(), ReferenceChatDecoder(), [body[:cut], body[cut:]])
 
 
 @pytest.mark.parametrize("make,new,ref", [

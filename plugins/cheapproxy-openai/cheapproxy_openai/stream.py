@@ -31,6 +31,25 @@ _JSONDecodeError = orjson.JSONDecodeError
 _TextDelta = ir.TextDelta
 _TextRun = ir.TextRun
 _CONTENT_PATH = ("choices", 0, "delta", "content")
+_OBFUSCATION = b',"obfuscation":"'
+_VALUE_END = b'"]}0123456789el'  # the last byte of a JSON value: string, array, object, number, true/false, null
+
+
+def without_obfuscation(raw: bytes) -> bytes:
+    """``raw`` without the member OpenAI ends each chunk with by default,
+    ``,"obfuscation":"<letters and digits>"`` (random padding against
+    length side channels), else ``raw`` itself.  The decoder reads nothing
+    from it, and a value that changes in every chunk would keep the learned
+    text chunk (``StringSlot``) from ever matching.  Only that exact form
+    is cut: the last member of the top-level object, after a complete
+    value; anything else is parsed as it came."""
+    if raw[-2:] == b'"}':
+        i = raw.rfind(_OBFUSCATION, max(0, len(raw) - 96))
+        if i > 0:
+            value = raw[i + len(_OBFUSCATION) : -2]
+            if (value.isalnum() or not value) and raw[i - 1] in _VALUE_END:
+                return raw[:i] + b"}"
+    return raw
 
 
 class ChatStreamEncoder(StreamEncoder):
@@ -449,6 +468,8 @@ class ChatStreamDecoder(StreamDecoder):
     def _feed(self, chunk: bytes, out: list[ir.StreamEvent]) -> None:
         match = self.slot.match
         for _, raw in self.parser.feed_raw(chunk):
+            if raw[-2:] == b'"}':
+                raw = without_obfuscation(raw)  # also what the text chunk is learned from
             content = None if self.done or self.failed else match(raw)
             if content is None:
                 self._frame(raw, out)
