@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import re
 from io import BytesIO
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any, NamedTuple, Optional, Tuple
 
 import orjson
@@ -301,6 +301,8 @@ _RUN_WINDOW = 32 * 1024  # bytes one attempt at a run looks at (a longer run tak
 _RUN_LEAST = 16  # frames a read must have room for before a run is looked for (fewer go faster one by one)
 _LEARNING_FRAMES = 16  # frames fed one at a time, at most, while a stream's text frame is being learned
 _LEARNING_READ = 4096  # a smaller read is fed whole while learning (a run is unlikely in it)
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ITEM0, _ITEM1, _ITEM2 = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 _RUN_MISSES = 4  # looks in a row that find no run before a stream stops looking (frames that vary, e.g. obfuscated)
 
 
@@ -311,21 +313,33 @@ def _first_false(flags: list[bool], limit: int) -> int:
         return limit
 
 
-def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: bytes) -> tuple[list[str], list[bytes], int] | None:
+def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: bytes,
+               pad: bytes | None = None) -> tuple[list[str], list[bytes], int] | None:
     """The run of whole LF frames at ``buf[pos:]`` that are each an ``event:
     <event>`` line (when ``event`` is not None), then one data line ``head +
     S + tail``, then a blank line, S being a JSON string literal exactly as
     ``orjson.dumps`` writes it: (the strings, their literals, the offset after
     the run), or None when the frame at ``pos`` is not one.  The frames are
     cut into lines and checked by C calls over the whole run (maps, one
-    parse), not a Python call per frame."""
+    parse), not a Python call per frame.
+
+    With ``pad`` (``b',"obfuscation":"'``: OpenAI's padding), a run may also
+    be of frames whose data line is ``head + S + tail[:-1] + pad + P + '"' +
+    tail[-1:]``, P letters and digits that change from frame to frame (a
+    last member added to the learned object)."""
     # the first frame first, so that a look that finds none costs that frame
     # alone, not the window: it begins with its event line and head, and its
-    # data line ends with the tail
+    # data line ends with the tail (or the padded tail)
     first = head if event is None else event + b"\n" + head
     end = buf.find(b"\n", pos + len(first))
-    if end < 0 or not buf.startswith(first, pos) or not buf.startswith(tail + b"\n\n", end - len(tail)):
+    if end < 0 or not buf.startswith(first, pos):
         return None
+    padded = False
+    if not buf.startswith(tail + b"\n\n", end - len(tail)):
+        padded = pad is not None and buf.startswith(b'"' + tail[-1:] + b"\n\n", end - 2) and (
+            buf.rfind(pad, pos, end) > pos + len(first))
+        if not padded:
+            return None
     # BytesIO.readlines finds line ends with memchr: a third of what
     # bytes.split(b"\n") costs, which compares byte by byte (each line keeps
     # its "\n"; the buffer is shared, not copied)
@@ -346,6 +360,17 @@ def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: byt
         events = lines[0 : k * per : per]
         if events.count(event_line) != k:
             k = _first_false(list(map(event_line.__eq__, events)), k)
+    afters: list[bytes] = []
+    if padded:
+        # each data line without its padding, as if it had come without
+        assert pad is not None
+        parts = list(map(bytes.rpartition, datas[:k], repeat(pad)))
+        afters = list(map(_ITEM2, parts))  # P + '"' + tail[-1:] + "\n"
+        closing = b'"' + tail[-1:] + b"\n"
+        k = _first_false(list(map(closing.__eq__, map(bytes.translate, afters, repeat(None), repeat(_ALNUM)))), k)
+        k = _first_false(list(map(bytes.endswith, afters[:k], repeat(closing))), k)
+        k = _first_false(list(map(pad.__eq__, map(_ITEM1, parts[:k]))), k)
+        datas = list(map(operator.add, map(_ITEM0, parts[:k]), repeat(closing[1:])))
     cut = len(tail) + 1  # the tail and the line's "\n" after the literal
     for _ in range(2):  # the second time with k cut to the frames that hold
         if k == 0:
@@ -359,8 +384,12 @@ def string_run(buf: bytes, pos: int, event: bytes | None, head: bytes, tail: byt
         if ok:
             # the frames rebuilt from the literals are the bytes read: each
             # frame is the learned one around its literal (this checks the tails)
-            sep = tail + b"\n\n" + first
-            run = first + sep.join(literals) + tail + b"\n\n"
+            if padded:
+                run = b"".join(chain.from_iterable(zip(
+                    repeat(first), literals, repeat(tail[:-1] + pad), afters[:k], repeat(b"\n"))))  # type: ignore[operator]
+            else:
+                sep = tail + b"\n\n" + first
+                run = first + sep.join(literals) + tail + b"\n\n"
             if buf.startswith(run, pos):
                 return texts, literals, pos + len(run)
         # some frame is not the learned one: the run ends before the first such
@@ -394,11 +423,12 @@ class RunReader:
     boundary; while nothing is learned, the first frames of a stream go one
     at a time so that a stream read whole still has its run."""
 
-    __slots__ = ("slot", "event", "learning", "least", "misses", "_learned_head", "_head", "_tail")
+    __slots__ = ("slot", "event", "pad", "learning", "least", "misses", "_learned_head", "_head", "_tail")
 
-    def __init__(self, slot: StringSlot, event: str | None = None) -> None:
+    def __init__(self, slot: StringSlot, event: str | None = None, pad: bytes | None = None) -> None:
         self.slot = slot
         self.event = None if event is None else b"event: " + event.encode()
+        self.pad = pad  # a padding member the frames may end with (string_run)
         self.learning = _LEARNING_FRAMES
         # a read shorter than this goes the usual way without a look
         # (``decode``): _RUN_LEAST learned frames once learned, _LEARNING_READ
@@ -454,7 +484,7 @@ class RunReader:
                 if n - pos < self.least:
                     nxt = n
                 elif decoder._run_ready():
-                    found = string_run(chunk, pos, self.event, self._head, self._tail)
+                    found = string_run(chunk, pos, self.event, self._head, self._tail, self.pad)
                     if found is not None:
                         self.misses = 0
                         texts, literals, pos = found

@@ -265,7 +265,7 @@ class ChatStreamDecoder(StreamDecoder):
         self.refused = False
         self.usage: ir.Usage | None = None
         self.slot = StringSlot()  # the usual text chunk, learned from the stream itself
-        self.runs = RunReader(self.slot)
+        self.runs = RunReader(self.slot, pad=_OBFUSCATION)  # runs of padded chunks too
 
     # -- blocks
 
