@@ -211,7 +211,7 @@ def _first_image(msgs: list[dict[str, Any]]) -> str:
     return "none"
 
 
-_TAGS = ("error400", "error500", "error429", "cut", "burst", "tool", "parallel", "think", "length", "image", "json", "echo")
+_TAGS = ("error400", "error500", "error429", "cut", "burst", "padded", "tool", "parallel", "think", "length", "image", "json", "echo")
 
 
 def _scenario(body: dict[str, Any]) -> tuple[str, str]:
@@ -238,6 +238,10 @@ def _scenario(body: dict[str, Any]) -> tuple[str, str]:
 # [burst]: a 40-delta answer whose whole stream goes out in one write (an
 # upstream faster than the gateway reads it, or one that buffers)
 BURST_WORDS = ["Burst"] + [f" w{i}" for i in range(1, 38)] + [' "quoted"', " é."]
+# [padded]: the same, every chunk padded as OpenAI does by default (a last
+# "obfuscation" member of random letters and digits, unless the request
+# says stream_options.include_obfuscation: false)
+_PAD = "Zx8kQ3mN7pL2vR9t"
 
 _CALLS = {
     "tool": [("call_fake_weather", "get_weather", ['{"city": ', '"Paris"}'])],
@@ -258,7 +262,7 @@ def _plan(scenario: str, text: str) -> tuple[list[tuple[str, str]], str]:
         return [("text", "The answer"), ("text", " is")], "length"
     if scenario == "json":
         return [("text", '{"answer"'), ("text", ": 42}")], "stop"
-    if scenario == "burst":
+    if scenario in ("burst", "padded"):
         return [("text", w) for w in BURST_WORDS], "stop"
     if scenario == "text" or scenario == "cut":
         return [("text", "The answer"), ("text", " is"), ("text", " 42.")], "stop"
@@ -300,7 +304,15 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
     model = body["model"]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    held: list[bytes] | None = [] if scenario == "burst" else None  # [burst]: all in one write, at the end
+    held: list[bytes] | None = [] if scenario in ("burst", "padded") else None  # all in one write, at the end
+    padded = scenario == "padded" and not (isinstance(so, dict) and so.get("include_obfuscation") is False)
+    pads = iter(range(1 << 30))
+
+    def pad(chunk: dict[str, Any]) -> dict[str, Any]:
+        if padded:
+            n = next(pads)
+            chunk["obfuscation"] = _PAD[n % 7 : n % 7 + 1 + n % 9]
+        return chunk
 
     async def put(data: bytes) -> None:
         if held is None:
@@ -316,7 +328,7 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
         }
         if include_usage:
             chunk["usage"] = None
-        return b"data: " + _dumps(chunk).encode() + b"\n\n"
+        return b"data: " + _dumps(pad(chunk)).encode() + b"\n\n"
 
     steps, finish = _plan(scenario, text)
     first = {"role": "assistant", "content": None if scenario in _CALLS else "", "refusal": None}
@@ -337,7 +349,7 @@ async def _stream(request: web.Request, body: dict[str, Any], scenario: str, tex
         reasoning = 3 if any(k == "reasoning" for k, _ in steps) else 0
         last = {"id": CHAT_ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
                 "system_fingerprint": "fp_fake", "choices": [], "usage": _usage(reasoning)}
-        await put(b"data: " + _dumps(last).encode() + b"\n\n")
+        await put(b"data: " + _dumps(pad(last)).encode() + b"\n\n")
     await put(b"data: [DONE]\n\n")
     if held is not None:
         await resp.write(b"".join(held))
