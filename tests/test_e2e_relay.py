@@ -165,11 +165,14 @@ async def test_responses_stream_ends_with_the_terminal_event_while_the_upstream_
     assert rec.status == "ok" and rec.usage_source == "upstream" and (rec.input_tokens, rec.output_tokens) == (10, 7)
 
 
-async def test_translated_padded_burst_goes_as_text_runs_and_arrives_whole(gateway, fake_upstream, monkeypatch):
-    """OpenAI pads every streamed chunk by default (a last "obfuscation"
-    member, new in each): the Anthropic client still gets every delta, the
-    exact text, the usage and the charge, and the padded chunks still go as
-    TextRuns (the decoder reads past the padding)."""
+@pytest.mark.parametrize("tag", ["burst", "padded"])
+async def test_translated_burst_goes_as_text_runs_and_arrives_whole(gateway, fake_upstream, monkeypatch, tag):
+    """An OpenAI-Chat upstream that sends a 40-delta answer in one write, to
+    an Anthropic client: the relay takes the text frames as TextRuns (built
+    by joining bytes), and the client still gets every delta as its own
+    event, the exact text, the upstream's usage, and the charge.  Also when
+    every chunk is padded as OpenAI does by default (``[padded]``: a last
+    "obfuscation" member, new in each; the decoder reads past it)."""
     from cheapproxy_anthropic.stream import MessagesStreamEncoder
     from cheapproxy.testing.fake_openai_chat import BURST_WORDS
 
@@ -184,48 +187,15 @@ async def test_translated_padded_burst_goes_as_text_runs_and_arrives_whole(gatew
     gw, fake = await setup(gateway, fake_upstream, "openai-chat")
     client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
     deltas = []
-    async with client.messages.stream(model="m1", max_tokens=100, messages=[{"role": "user", "content": "[padded] go"}]) as s:
+    async with client.messages.stream(model="m1", max_tokens=100, messages=[{"role": "user", "content": f"[{tag}] go"}]) as s:
         async for ev in s:
             if ev.type == "content_block_delta":
                 deltas.append(ev.delta.text)
         final = await s.get_final_message()
-    assert deltas == BURST_WORDS and final.content[0].text == "".join(BURST_WORDS)
-    assert runs and sum(runs) >= 16, runs
-    assert "include_obfuscation" not in fake.log[-1]["body"]["stream_options"]  # the upstream's default: padded
-    assert (final.usage.input_tokens, final.usage.output_tokens) == (10, 7)
-    await gw.idle()
-    [rec] = await gw.storage.list_usage()
-    assert rec.status == "ok" and rec.usage_source == "upstream" and rec.output_tokens == 7 and rec.cost > 0
-
-
-async def test_translated_burst_goes_as_text_runs_and_arrives_whole(gateway, fake_upstream, monkeypatch):
-    """An OpenAI-Chat upstream that sends a 40-delta answer in one write, to
-    an Anthropic client: the relay takes the text frames as TextRuns (built
-    by joining bytes), and the client still gets every delta as its own
-    event, the exact text, the upstream's usage, and the charge."""
-    from cheapproxy_anthropic.stream import MessagesStreamEncoder
-    from cheapproxy.testing.fake_openai_chat import BURST_WORDS
-
-    runs: list[int] = []
-    plain = MessagesStreamEncoder.encode_text_run
-
-    def counted(self, run):  # the encoder's own method, counted
-        runs.append(len(run.texts))
-        return plain(self, run)
-
-    monkeypatch.setattr(MessagesStreamEncoder, "encode_text_run", counted)
-    gw, fake = await setup(gateway, fake_upstream, "openai-chat")
-    client = anthropic.AsyncAnthropic(base_url=gw.url, api_key=gw.key, max_retries=0)
-    deltas, usage = [], None
-    async with client.messages.stream(model="m1", max_tokens=100, messages=[{"role": "user", "content": "[burst] go"}]) as s:
-        async for ev in s:
-            if ev.type == "content_block_delta":
-                deltas.append(ev.delta.text)
-        final = await s.get_final_message()
-        usage = final.usage
     assert deltas == BURST_WORDS and final.content[0].text == "".join(BURST_WORDS)
     assert runs and sum(runs) >= 16, runs  # the burst went as runs (the first deltas may not)
-    assert (usage.input_tokens, usage.output_tokens) == (10, 7)
+    assert "include_obfuscation" not in fake.log[-1]["body"]["stream_options"]  # the upstream's default: padded
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (10, 7)
     await gw.idle()
     [rec] = await gw.storage.list_usage()
     assert rec.status == "ok" and rec.usage_source == "upstream" and rec.output_tokens == 7 and rec.cost > 0
