@@ -329,3 +329,18 @@ async def test_the_background_fold_goes_in_short_steps_with_the_loop_free_betwee
         assert await ledger_sum(s, u.id) == user.balance and len(await s.ledger(u.id)) == 57
     finally:
         await s.close()
+
+
+async def test_close_finishes_a_fold_under_way_without_its_pauses(tmp_path):
+    s = SQLiteStorage("sqlite:///q.db", tmp_path)
+    s.fold_every, s.fold_after, s.fold_step, s.fold_pause = 3600, 50, 10, 30.0
+    await s.open()
+    u = await s.create_user("kim", D("10"))
+    assert await s.hold("L", user_id=u.id, key_id=None, amount=D("5"))
+    await s.charge_batch([("L", D("0.01"), rec("first", u.id, None), "charge")])
+    await s.charge_batch([("L", D("0.001"), rec(f"r{i}", u.id, None), "charge") for i in range(55)])
+    await asyncio.sleep(0.05)
+    assert queued(tmp_path / "q.db") == 45  # one step applied, the fold now pausing
+    await asyncio.wait_for(s.close(), 5)  # not 30 s a step
+    assert queued(tmp_path / "q.db") == 0
+    assert table(tmp_path / "q.db", "SELECT balance FROM users") == [(10_000_000 - 10_000 - 55_000,)]

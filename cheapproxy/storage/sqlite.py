@@ -160,6 +160,7 @@ class SQLiteStorage:
         self._queued = 0  # charges queued since the last fold began
         self._fold_timer: asyncio.TimerHandle | None = None
         self._folder: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # set at close: a fold under way goes on without its pauses
 
     # ------------------------------------------------------------- lifecycle
 
@@ -201,6 +202,7 @@ class SQLiteStorage:
         """Connect and apply pending migrations."""
         if self._db is not None:
             return
+        self._hurry.clear()
         try:
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +283,7 @@ class SQLiteStorage:
             self._fold_timer.cancel()
             self._fold_timer = None
         if self._folder is not None:
+            self._hurry.set()  # the rest of a fold under way at once: no request is waiting on the loop now
             with contextlib.suppress(Exception):
                 await self._folder
         if self._db is not None and self._queued:
@@ -734,7 +737,10 @@ class SQLiteStorage:
                 left -= done
                 if done < want:
                     break  # the queue is empty (another process may have applied it)
-                await asyncio.sleep(self.fold_pause)
+                if not self._hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.fold_pause):
+                            await self._hurry.wait()
                 if self._db is None:
                     return
         except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
