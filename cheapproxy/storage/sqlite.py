@@ -737,12 +737,9 @@ class SQLiteStorage:
                 left -= done
                 if done < want:
                     break  # the queue is empty (another process may have applied it)
-                if not self._hurry.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.fold_pause):
-                            await self._hurry.wait()
-                if self._db is None:
-                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.fold_pause):
+                        await self._hurry.wait()  # at once after close() set it
         except Exception as exc:  # noqa: BLE001 - the rows stay queued: retried, and applied before any read
             self._queued += n
             log.warning("storage.fold_failed", error=f"{type(exc).__name__}: {exc}")
@@ -1122,6 +1119,7 @@ def _apply_charges(conn: sqlite3.Connection, entries: list[tuple[str, int, str, 
 # ---------------------------------------------------------------- charge queue
 
 _QUEUE_COLS = ("lease_id", "want", "kind", "queued_at", *_USAGE_COLS)
+_SELECT_QUEUE = f"SELECT id, {', '.join(_QUEUE_COLS)} FROM charge_queue ORDER BY id LIMIT ?"
 _INSERT_QUEUE = f"INSERT INTO charge_queue ({', '.join(_QUEUE_COLS)}) VALUES ({', '.join('?' * len(_QUEUE_COLS))})"
 _FOLD_CHUNK = 500  # rows per statement; an IN list of 500 ids stays under old SQLite's 999 variables
 
@@ -1144,7 +1142,7 @@ def _fold_sync(conn: sqlite3.Connection) -> int:
 def _fold_some(conn: sqlite3.Connection, limit: int) -> int:
     """Apply the ``limit`` oldest queued charges (inside the caller's
     transaction); the rest stay queued.  Returns how many were applied."""
-    rows = conn.execute(f"SELECT id, {', '.join(_QUEUE_COLS)} FROM charge_queue ORDER BY id LIMIT ?", (limit,)).fetchall()
+    rows = conn.execute(_SELECT_QUEUE, (limit,)).fetchall()
     if rows:
         _apply_charges(conn, [(r[1], r[2], r[3], r[4], tuple(r)[5:]) for r in rows], strict=False)
         conn.execute("DELETE FROM charge_queue WHERE id <= ?", (rows[-1][0],))
