@@ -350,10 +350,13 @@ class EmbeddingResponse:
     usage: Usage = attrs.Factory(Usage)
 
 
+_ZERO_USAGE = Usage()
+
+
 def merge_usage(base: Usage | None, new: Usage) -> Usage:
     """Cumulative merge: fields of ``new`` that are non-zero replace ``base``'s."""
     if base is None:
-        return attrs.evolve(new)
+        base = _ZERO_USAGE  # a copy (attrs.evolve costs several times a plain call)
     return Usage(
         input_tokens=new.input_tokens or base.input_tokens,
         output_tokens=new.output_tokens or base.output_tokens,
