@@ -105,6 +105,17 @@ class UpstreamEvents:
         self.resp = resp
         self.decoder = decoder
         self.done = False
+        self.detached = False  # the rest of the body is read by a task of its own
+
+    def rest_aside(self, proxy: Proxy) -> None:
+        """The answer is whole (MessageStop went by): read no further here.
+        What the upstream sent after its end marker is read off now, or, when
+        its body has not ended yet, on the side for at most drain_seconds (so
+        the connection can be reused), then released."""
+        self.done = True
+        if not _rest_here(self.resp):
+            self.detached = True
+            proxy.track(_read_rest(proxy, self.resp))
 
     async def next(self) -> list[ir.StreamEvent] | None:
         if self.done:
@@ -133,7 +144,8 @@ class UpstreamEvents:
                                    kind="upstream_failed", status=502)]
 
     async def aclose(self) -> None:
-        self.resp.release()
+        if not self.detached:
+            self.resp.release()
 
 
 class ProviderEvents:
@@ -451,6 +463,7 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
     if run is not None and decoder is not None and hasattr(decoder, "text_runs"):
         decoder.text_runs = True  # text frames that come together go as one TextRun
     sink = Sink(call, request, _send_timeout(proxy))
+    closed = False  # MessageStop went by: the encoder's end went out with its read
     try:
         finished = False
         while not finished and (events := await source.next()) is not None:
@@ -468,6 +481,13 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
                 data = run(ev) if ev.type == "text_run" else encoder.encode(ev)  # type: ignore[misc]
                 if data:
                     parts.append(data)
+            if tracker.stop is not None and failed is None:
+                # the answer is whole (no event follows MessageStop): its end
+                # (OpenAI's usage chunk and [DONE]) leaves in this write, and
+                # the client's response ends now, whatever the upstream does
+                # after its end marker (it may hold its body open)
+                parts.append(encoder.close())
+                closed = finished = True
             if parts:
                 if sink.out is None:
                     await sink.start(encoder.content_type)
@@ -476,7 +496,10 @@ async def _stream_events(proxy: Proxy, call: Call, request: web.Request, ctx: En
             if failed is not None:
                 await sink.fail(failed, encoder.error(failed))
                 finished = True
-        if not finished:
+        if closed:
+            if isinstance(source, UpstreamEvents):
+                source.rest_aside(proxy)
+        elif not finished:
             if sink.out is None:
                 await sink.start(encoder.content_type)
                 await sink.write(encoder.start())

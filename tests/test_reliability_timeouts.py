@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from .reliability_util import (Blackhole, Fault, body_for, clean_end, eventually, faults, model_toml, post,  # noqa: F401
-                               settle, stream_error, streamed_text)
+                               settle, sse_frames, stream_error, streamed_text)
 
 PROTOCOLS = ["openai-chat", "anthropic-messages"]
 FAST = {"first_byte_timeout": 0.3, "idle_timeout": 0.3, "connect_timeout": 0.3}
@@ -102,6 +102,37 @@ async def test_the_answer_ends_at_the_end_marker_while_the_upstream_lingers(gate
     assert b"junk" not in raw
     assert streamed_text(protocol, raw) == "t0 t1 t2 "
     await eventually(lambda: fault.log[0]["peer_closed"])
+    await settle(gw)
+    [rec] = await gw.storage.list_usage()
+    assert rec.status == "ok" and rec.usage_source == "upstream" and (rec.input_tokens, rec.output_tokens) == (11, 3)
+    assert await gw.storage.open_holds() == 0
+
+
+@pytest.mark.parametrize("with_end", [False, True], ids=["trailer-apart", "trailer-in-the-same-read"])
+@pytest.mark.parametrize("client,upstream", [("openai-chat", "anthropic-messages"), ("anthropic-messages", "openai-chat")])
+async def test_a_translated_answer_ends_at_the_end_marker_while_the_upstream_lingers(gateway, faults, client, upstream,
+                                                                                      with_end):
+    """The same for a translated stream: the client's answer ends with its
+    own protocol's end (OpenAI's usage chunk and [DONE], Anthropic's
+    message_stop) as soon as the upstream's end marker arrives -- before this
+    it waited for the upstream's body to end, i.e. its idle timeout, and then
+    sent an error event after the clean end."""
+    fault = await faults(default=Fault(kind="linger", chunks=3, trailer=b"data: junk after the end\n\n", trailer_with_end=with_end))
+    gw = await make(gateway, fault, upstream, routing="retries = 0\n[server]\ndrain_seconds = 0.3\n",
+                    idle_timeout=30, first_byte_timeout=5)
+    body = body_for(client, "m", stream=True)
+    if client == "openai-chat":
+        body["stream_options"] = {"include_usage": True}
+    status, raw, _ = await asyncio.wait_for(post(gw, client, body), 5)
+    assert status == 200 and clean_end(client, raw) and stream_error(client, raw) is None, raw
+    assert b"junk" not in raw
+    assert streamed_text(client, raw) == "t0 t1 t2 "
+    if client == "openai-chat":
+        # the usage chunk, then [DONE], each once, at the very end
+        frames = [d for _, d in sse_frames(raw)]
+        assert frames[-1] == "[DONE]" and frames.count("[DONE]") == 1
+        assert json.loads(frames[-2])["usage"]["completion_tokens"] == 3
+    await eventually(lambda: fault.log[0]["peer_closed"])  # read aside for drain_seconds, then closed
     await settle(gw)
     [rec] = await gw.storage.list_usage()
     assert rec.status == "ok" and rec.usage_source == "upstream" and (rec.input_tokens, rec.output_tokens) == (11, 3)
