@@ -419,7 +419,7 @@ async def _attempts(proxy: Proxy, call: Call, request: web.Request, inbound: Inb
         try:
             resp = await attempt_one(proxy, call, request, inbound, client)
             if call.status == "incomplete" and (call.error_kind or "").startswith("upstream_"):
-                _fail(proxy, client)  # served, then cut or stalled mid-stream: still a sign of trouble
+                breaker_failed(proxy, client)  # served, then cut or stalled mid-stream: still a sign of trouble
             else:
                 client.breaker.success()
             return resp
@@ -428,7 +428,7 @@ async def _attempts(proxy: Proxy, call: Call, request: web.Request, inbound: Inb
             proxy.emit(UpstreamFailed(upstream=client.name, model=call.model.name, kind=err.kind,
                                       upstream_status=err.upstream_status))
             if counts_against(err):
-                _fail(proxy, client)
+                breaker_failed(proxy, client)
             if call.response_started or not err.retryable:
                 raise
             if err.retry_after is not None:
@@ -452,7 +452,8 @@ async def _attempts(proxy: Proxy, call: Call, request: web.Request, inbound: Inb
     raise last
 
 
-def _fail(proxy: Proxy, client: UpstreamClient) -> None:
+def breaker_failed(proxy: Proxy, client: UpstreamClient) -> None:
+    """Count a failure against the upstream's breaker; log and announce a cool-down it starts."""
     if client.breaker.failure():
         log.warning("upstream.cooled_down", upstream=client.name, seconds=round(client.breaker.until - time.monotonic(), 2))
         proxy.emit_cooldown(client.name)

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from cheapproxy.tasks import TaskService
 from cheapproxy.testing.task_fakes import tasks_toml
@@ -168,6 +169,107 @@ async def test_unreachable_first_upstream_falls_back_to_the_next(task_gateway: A
     assert status == 200, body
     done = await gw.proxy.task_service.wait_finished(body["task_id"])
     assert done.upstream == "ark-main" and done.state == "succeeded"
+
+
+async def _scripted_ark(aiohttp_server: Any, answer: Any, poll: Any = None) -> tuple[str, dict[str, int]]:
+    """An Ark-like upstream whose create is ``await answer()`` (and whose task
+    GET is ``await poll()``); it counts the creates it received and the most
+    it had in flight at once."""
+    seen = {"creates": 0, "in_flight": 0, "most": 0}
+
+    async def create(request: web.Request) -> web.Response:
+        seen["creates"] += 1
+        seen["in_flight"] += 1
+        seen["most"] = max(seen["most"], seen["in_flight"])
+        try:
+            return await answer()
+        finally:
+            seen["in_flight"] -= 1
+
+    app = web.Application()
+    app.router.add_post("/api/v3/contents/generations/tasks", create)
+    if poll is not None:
+        app.router.add_get("/api/v3/contents/generations/tasks/{task_id}", lambda request: poll())
+    server = await aiohttp_server(app)
+    return str(server.make_url("/api/v3")), seen
+
+
+async def test_a_failing_upstream_cools_down_and_later_submits_skip_it(task_gateway: Any, fake_ark: Any,
+                                                                       aiohttp_server: Any) -> None:
+    """Task submits count for the upstream's circuit breaker, as chat requests
+    do: after cooldown_after_failures 5xx answers the upstream is skipped
+    while it cools down (before, every submit tried it first)."""
+    async def fail() -> web.Response:
+        return web.json_response({"error": {"code": "InternalServiceError", "message": "down"}}, status=500)
+
+    url, seen = await _scripted_ark(aiohttp_server, fail)
+    extra = (f'[[upstreams]]\nname = "ark-bad"\nprovider = "ark"\nbase_url = "{url}"\napi_key = "upstream-secret"\n'
+             "[routing]\ncooldown_after_failures = 2\ncooldown_base_seconds = 60\n")
+    gw = await task_gateway(ark_config(fake_ark, extra=extra, upstream='["ark-bad", "ark-main"]', tasks={"poller": False}))
+    for n in range(3):
+        status, body = await submit(gw, {"prompt": f"submit {n}"})
+        assert status == 200, body
+        assert (await gw.storage.get_task(body["task_id"])).upstream == "ark-main"
+    assert seen["creates"] == 2  # the third submit went straight to the healthy upstream
+    assert not gw.proxy.clients["ark-bad"].breaker.available()
+
+
+async def test_failed_polls_count_for_the_breaker_and_the_task_waits(task_gateway: Any, aiohttp_server: Any) -> None:
+    """Polls count for the breaker too: 5xx answers to polls cool the
+    upstream down; the task itself stays queued (a poll failure is
+    transient until the task's deadline)."""
+    async def accept() -> web.Response:
+        return web.json_response({"id": "cgt-poll-1"})
+
+    async def fail() -> web.Response:
+        return web.json_response({"error": {"code": "InternalServiceError", "message": "down"}}, status=500)
+
+    url, _ = await _scripted_ark(aiohttp_server, accept, fail)
+    cfg = (f'[[upstreams]]\nname = "ark-flaky"\nprovider = "ark"\nbase_url = "{url}"\napi_key = "upstream-secret"\n'
+           "[routing]\ncooldown_after_failures = 2\ncooldown_base_seconds = 60\n"
+           '[[models]]\nname = "seedance-2"\nupstream = "ark-flaky"\nupstream_model = "doubao-seedance-2-0-260128"\n'
+           f'kind = "video"\n[models.price]\noutput = {PRICE}\n' + tasks_toml(poller=False))
+    gw = await task_gateway(cfg)
+    status, body = await submit(gw, {"prompt": "x"})
+    assert status == 200, body
+    breaker = gw.proxy.clients["ark-flaky"].breaker
+    assert breaker.available()  # the submit succeeded
+    service = TaskService(gw.proxy)
+    for _ in range(2):
+        assert await service.poll_once(await gw.storage.get_task(body["task_id"])) == "queued"
+    assert not breaker.available()
+    assert gw.proxy.clients["ark-flaky"].busy == 0  # each poll gave its connection slot back
+
+
+async def test_task_submits_share_the_upstreams_connection_limit(task_gateway: Any, aiohttp_server: Any) -> None:
+    """A submit holds one of the upstream's max_connections: with one, a
+    second submit while the first is in flight gets a 503 after
+    pool_timeout_seconds (before, both reached the upstream at once)."""
+    gate = asyncio.Event()
+
+    async def slow() -> web.Response:
+        await gate.wait()
+        return web.json_response({"id": "cgt-slow-1"})
+
+    url, seen = await _scripted_ark(aiohttp_server, slow)
+    cfg = (f'[[upstreams]]\nname = "ark-slow"\nprovider = "ark"\nbase_url = "{url}"\napi_key = "upstream-secret"\n'
+           "max_connections = 1\n[routing]\npool_timeout_seconds = 0.3\n"
+           '[[models]]\nname = "seedance-2"\nupstream = "ark-slow"\nupstream_model = "doubao-seedance-2-0-260128"\n'
+           f'kind = "video"\n[models.price]\noutput = {PRICE}\n' + tasks_toml(poller=False))
+    gw = await task_gateway(cfg)
+    first = asyncio.create_task(submit(gw, {"prompt": "first"}))
+    while seen["creates"] == 0:
+        await asyncio.sleep(0.01)
+    status, body = await asyncio.wait_for(submit(gw, {"prompt": "second"}), 5)
+    assert status == 503 and "busy" in body["error"]["message"], body
+    gate.set()
+    status, body = await asyncio.wait_for(first, 5)
+    assert status == 200, body
+    assert seen == {"creates": 1, "in_flight": 0, "most": 1}
+    # the refused submit failed at no cost and its hold was released; the first one's is still held
+    tasks = {t.state: t for t in await gw.storage.list_tasks()}
+    assert set(tasks) == {"failed", "queued"} and tasks["queued"].id == body["task_id"]
+    assert await gw.storage.open_holds() == 1 and await gw.balance() == Decimal("10.00")
 
 
 async def test_upstream_credential_refused_is_a_502_without_the_key(task_gateway: Any, fake_ark: Any) -> None:

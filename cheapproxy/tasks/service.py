@@ -28,6 +28,7 @@ import datetime as dt
 import random
 import secrets
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,13 @@ import structlog
 from .. import ir
 from ..billing import Hold, format_usd
 from ..errors import ProxyError, StartupError, UpstreamError
-from ..events import CallFinished
+from ..events import CallFinished, UpstreamFailed
 from ..logging import add_secret
+from ..pipeline import breaker_failed
 from ..pricing import MAX_TOKENS
 from ..storage.base import KeyRecord, UsageRecord
 from ..storage.records import TaskRecord
+from ..upstream import counts_against
 from .base import TaskEstimate, TaskNotFound, TaskProvider, TaskSpec, TaskStatus
 from .images import upstream_image_mode
 from .objects import FINALIZING, task_json
@@ -315,16 +318,21 @@ class TaskService:
     async def _submit_upstream(self, ups: list[Upstream], body: dict[str, Any], kind: str,
                                model: Model) -> tuple[str, Upstream]:
         """Submit to the first upstream that accepts; a retryable failure
-        (connection, 5xx, 429) moves on to the next (ordered fallbacks)."""
+        (connection, 5xx, 429) moves on to the next (ordered fallbacks).  As
+        for chat requests, an upstream cooling down after failures is tried
+        last, a submit takes one of the upstream's ``max_connections`` (503
+        when none frees within ``pool_timeout_seconds``), and its outcome
+        counts for the upstream's circuit breaker."""
         last: ProxyError | None = None
-        for up in ups:
+        for up in self._by_health(ups):
             provider: TaskProvider = up.provider  # type: ignore[assignment]
             spec = provider.build_spec(body, kind=kind, model=model.name, upstream_model=model.config.sent_name)
             try:
-                async with asyncio.timeout(up.config.connect_timeout + up.config.first_byte_timeout):
-                    pid = await provider.submit(self._session(up), spec)
-                if not isinstance(pid, str) or not pid:
-                    raise UpstreamError("upstream_failed", f"upstream {up.name!r} returned no task id")
+                async with self._upstream_call(up, model.name):
+                    async with asyncio.timeout(up.config.connect_timeout + up.config.first_byte_timeout):
+                        pid = await provider.submit(self._session(up), spec)
+                    if not isinstance(pid, str) or not pid:
+                        raise UpstreamError("upstream_failed", f"upstream {up.name!r} returned no task id")
                 return pid, up
             except TimeoutError:
                 last = UpstreamError("upstream_timeout", f"upstream {up.name!r} did not accept the task in time",
@@ -335,6 +343,44 @@ class TaskService:
                     raise
         assert last is not None
         raise last
+
+    def _by_health(self, ups: list[Upstream]) -> list[Upstream]:
+        """``ups`` in their order, those cooling down left out -- unless all
+        are, then all of them, soonest readmitted first (as chat routing)."""
+        clients = self.proxy.clients
+        now = time.monotonic()
+        ready = [u for u in ups if u.name not in clients or clients[u.name].breaker.available(now)]
+        return ready or sorted(ups, key=lambda u: clients[u.name].breaker.until)
+
+    @contextlib.asynccontextmanager
+    async def _upstream_call(self, up: Upstream, model: str) -> AsyncIterator[None]:
+        """One call to a task upstream: a connection slot held throughout,
+        and its outcome reported to the breaker (a timeout, a connection
+        failure, a 5xx or a refused credential count against it; the
+        provider's answer about a task, even "not found", is a success)."""
+        client = self.proxy.clients.get(up.name)
+        if client is None:
+            yield
+            return
+        await client._acquire(None)
+        try:
+            yield
+        except TimeoutError:
+            breaker_failed(self.proxy, client)
+            raise
+        except UpstreamError as err:
+            self.proxy.emit(UpstreamFailed(upstream=up.name, model=model, kind=err.kind,
+                                           upstream_status=err.upstream_status))
+            if counts_against(err):
+                breaker_failed(self.proxy, client)
+            raise
+        except TaskNotFound:
+            client.breaker.success()
+            raise
+        else:
+            client.breaker.success()
+        finally:
+            client.free_slot()
 
     def _session(self, up: Upstream) -> Any:
         client = self.proxy.clients.get(up.name)
@@ -373,8 +419,9 @@ class TaskService:
             return await self._finalize(task, "failed", error=(
                 "submit_interrupted", "The provider never confirmed this task (the gateway stopped while submitting it)."))
         try:
-            async with asyncio.timeout(up.config.connect_timeout + up.config.first_byte_timeout):
-                status = await up.provider.poll(self._session(up), task.provider_task_id)
+            async with self._upstream_call(up, task.model):
+                async with asyncio.timeout(up.config.connect_timeout + up.config.first_byte_timeout):
+                    status = await up.provider.poll(self._session(up), task.provider_task_id)
         except TaskNotFound:
             return await self._finalize(task, "failed", error=("provider_lost_task", "The provider no longer knows this task."))
         except Exception as exc:  # noqa: BLE001 - transient until the deadline
