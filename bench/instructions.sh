@@ -88,7 +88,7 @@ count() {
     if echo "$out" | grep -q "Non-2xx"; then echo "$name: non-2xx answers: $out" >&2; exit 1; fi
     n=$(echo "$out" | grep -o '"requests": *[0-9]*' | grep -o '[0-9]*$')
   fi
-  local before; before=$(ls "$WORK"/cg."$name".* 2>/dev/null | wc -l)
+  local before; before=$(ls "$WORK"/cg."$name".* 2>/dev/null | wc -l || true)
   callgrind_control -d "$pid" > /dev/null 2>&1
   for _ in $(seq 50); do [ "$(ls "$WORK"/cg."$name".* | wc -l)" -gt "$before" ] && break; sleep 0.2; done
   local f; f=$(ls -t "$WORK"/cg."$name".*.* | head -1)

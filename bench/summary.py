@@ -62,13 +62,19 @@ def spread(values: list[float], nd: int = 2) -> str:
     return m if len(values) == 1 else f"{m} ({min(values):.{nd}f}–{max(values):.{nd}f})"
 
 
+def same_round(by: dict[str, dict[str, dict]], *targets: str) -> list[tuple[dict, ...]]:
+    """The records of ``targets``, one tuple per round that measured all of them."""
+    rounds = set.intersection(*(set(by.get(t, {})) for t in targets))
+    return [tuple(by[t][rd] for t in targets) for rd in sorted(rounds)]
+
+
 def main() -> None:
     base = Path(sys.argv[1])
     rounds = sorted(base.glob("round-*"), key=lambda p: int(p.name.split("-")[1]))
     if not rounds:
         sys.exit(f"no round-*/ under {base}")
-    # (setup, api, mode, conc) -> target -> [record per round]
-    rows: dict[tuple, dict[str, list[dict]]] = {}
+    # (setup, api, mode, conc) -> target -> round -> record
+    rows: dict[tuple, dict[str, dict[str, dict]]] = {}
     targets: list[str] = []
     for rd in rounds:
         for res in sorted(rd.glob("results-*/results.jsonl")):
@@ -76,7 +82,7 @@ def main() -> None:
             for (target, api, mode, conc), r in load(res).items():
                 if r.get("rc") not in (0, None) or r.get("failed"):
                     continue
-                rows.setdefault((setup, api, mode, conc), {}).setdefault(target, []).append(r)
+                rows.setdefault((setup, api, mode, conc), {}).setdefault(target, {})[rd.name] = r
                 if target not in targets:
                     targets.append(target)
     shown = [t for t in targets if t != "direct"]
@@ -90,29 +96,27 @@ def main() -> None:
     order = {"same": 0, "translated": 1}
     for key in sorted(rows, key=lambda k: (order.get(k[0], 9), k[1], k[2] == "sse", k[3])):
         by = rows[key]
-        bad = any(r.get("interference") for recs in by.values() for r in recs)
+        bad = any(r.get("interference") for recs in by.values() for r in recs.values())
         cells = [label(*key) + (" (!)" if bad else "")]
-        cells += [fmt(med([r["rps"] for r in by.get(t, [])])) for t in shown]
+        cells += [fmt(med([r["rps"] for r in by.get(t, {}).values()])) for t in shown]
         for t in others:
-            # a ratio only between runs of the same round (same position in both lists)
-            pairs = zip(by.get(CP, []), by.get(t, []))
-            cells.append(spread([a["rps"] / b["rps"] for a, b in pairs if b["rps"]]))
-        cells.append(fmt(med([r["lat_p99_ms"] for r in by.get(CP, [])]), 2))
-        cells.append(fmt(med([r["lat_p99_ms"] for r in by.get("bare", [])]), 2))
+            # a ratio only between runs of the same round
+            cells.append(spread([a["rps"] / b["rps"] for a, b in same_round(by, CP, t) if b["rps"]]))
+        cells.append(fmt(med([r["lat_p99_ms"] for r in by.get(CP, {}).values()]), 2))
+        cells.append(fmt(med([r["lat_p99_ms"] for r in by.get("bare", {}).values()]), 2))
         print("| " + " | ".join(cells) + " |")
     print()
     for key, by in sorted(rows.items()):
         setup, api, mode, conc = key
         if conc != 1 or CP not in by or "direct" not in by:
             continue
-        cp, direct, bare = by[CP], by["direct"], by.get("bare", [])
         if mode == "json":
-            added = [a["lat_p50_ms"] - d["lat_p50_ms"] for a, d in zip(cp, direct)]
+            added = [a["lat_p50_ms"] - d["lat_p50_ms"] for a, d in same_round(by, CP, "direct")]
             print(f"- {label(*key)}: added p50 {spread(added)} ms over direct")
         else:
-            added = [a["ttfb_p50_ms"] - d["ttfb_p50_ms"] for a, d in zip(cp, direct)]
+            added = [a["ttfb_p50_ms"] - d["ttfb_p50_ms"] for a, d in same_round(by, CP, "direct")]
             vs = [(a["ttfb_p50_ms"] - d["ttfb_p50_ms"]) / (b["ttfb_p50_ms"] - d["ttfb_p50_ms"])
-                  for a, b, d in zip(cp, bare, direct) if b["ttfb_p50_ms"] > d["ttfb_p50_ms"]]
+                  for a, b, d in same_round(by, CP, "bare", "direct") if b["ttfb_p50_ms"] > d["ttfb_p50_ms"]]
             print(f"- {label(*key)}: added TTFB p50 {spread(added)} ms over direct, {spread(vs)}× the bare proxy's")
 
 
