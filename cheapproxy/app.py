@@ -24,7 +24,7 @@ from .config import Config
 from .errors import ConfigError, ProxyError
 from .events import UpstreamCooledDown
 from .logging import add_secret
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, SharedRateLimiter
 from .registry import Registry
 from .upstream import Breaker, UpstreamClient
 from .watch import CallWatcher
@@ -42,17 +42,34 @@ def open_storage(config: Config, registry: Registry) -> Any:
     return factory(url, config.base_dir)
 
 
+def _shared_limits(config: Config, storage: Any, workers: int) -> bool:
+    """Count rpm / tpm in the database ([server] rate_limits)?  A storage
+    backend without the rate methods (one written before them) counts in
+    memory under "auto", and is refused under "database"."""
+    if not config.server.shared_rate_limits(workers):
+        return False
+    if hasattr(storage, "rate_take"):
+        return True
+    if config.server.rate_limits == "database":
+        raise ConfigError(f"rate_limits = \"database\" needs a storage backend with rate_take(); {type(storage).__name__} "
+                          "has none", file=config.path, table="server", key="rate_limits")
+    log.warning("ratelimit.per_process", storage=type(storage).__name__,
+                reason="the storage backend cannot count rate limits; each process counts its own")
+    return False
+
+
 class Proxy:
     """The running gateway's state (stored on the app under PROXY_KEY)."""
 
-    def __init__(self, config: Config, registry: Registry, catalog: Catalog, storage: Any) -> None:
+    def __init__(self, config: Config, registry: Registry, catalog: Catalog, storage: Any, *, workers: int = 1) -> None:
         self.config = config
         self.registry = registry
         self.catalog = catalog
         self.storage = storage
         self.billing = LeaseBilling(storage)
         self.keys = KeyCache(storage, refresh_seconds=config.server.key_cache_seconds)
-        self.ratelimiter = RateLimiter()
+        self.ratelimiter: RateLimiter | SharedRateLimiter = (
+            SharedRateLimiter(storage, self.track) if _shared_limits(config, storage, workers) else RateLimiter())
         r = config.routing
         self.clients = {
             name: UpstreamClient(u, Breaker(r.cooldown_after_failures, r.cooldown_base_seconds, r.cooldown_max_seconds), r)
@@ -90,6 +107,8 @@ class Proxy:
                 if released:
                     log.warning("billing.stale_holds_released", count=released)
                 await self.storage.prune_idempotency(dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=24))
+                if isinstance(self.ratelimiter, SharedRateLimiter):
+                    await self.ratelimiter.prune()
             except Exception:  # noqa: BLE001 - retried next round
                 log.exception("billing.sweep_failed")
             await asyncio.sleep(b.sweep_interval_seconds)
@@ -267,15 +286,16 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     response.headers["x-request-id"] = rid
 
 
-def make_app(config: Config, registry: Registry, *, storage: Any = None) -> web.Application:
-    """Build the aiohttp application (validates config against the registry)."""
+def make_app(config: Config, registry: Registry, *, storage: Any = None, workers: int = 1) -> web.Application:
+    """Build the aiohttp application (validates config against the registry);
+    ``workers``: the processes of ``serve --workers N`` that share the database."""
     from . import views
 
     config = with_defaults(config, registry)
     catalog = build_catalog(config, registry)
     storage = storage if storage is not None else open_storage(config, registry)
     app = web.Application(client_max_size=config.server.max_body_bytes)
-    proxy = Proxy(config, registry, catalog, storage)
+    proxy = Proxy(config, registry, catalog, storage, workers=workers)
     app[PROXY_KEY] = proxy
     app.on_response_prepare.append(_on_prepare)
     app.cleanup_ctx.append(_lifecycle)

@@ -58,6 +58,15 @@ class ServerConfig:
     first_user: str = "admin"  # created with one key on first start with an empty database
     first_user_balance: Decimal = Decimal("10.00")
     key_cache_seconds: float = 5.0  # how often the key cache checks for changes made by other processes
+    # where rpm / tpm are counted: "memory" (this process alone), "database"
+    # (shared by every process on the database), "auto" (database with
+    # serve --workers N > 1 or a non-SQLite database, else memory)
+    rate_limits: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "memory", "database")))
+
+    def shared_rate_limits(self, workers: int = 1) -> bool:
+        if self.rate_limits == "auto":
+            return workers > 1 or not self.database.startswith("sqlite:")
+        return self.rate_limits == "database"
 
 
 @attrs.frozen(kw_only=True)

@@ -173,7 +173,8 @@ async def _serve(proxy: Proxy, call: Call, request: web.Request) -> web.StreamRe
     )
     if op == "count_tokens":
         return await count_tokens(proxy, call)
-    proxy.ratelimiter.check(key)
+    if key.rpm or key.tpm:
+        await proxy.ratelimiter.admit(key)
     with proxy.admission(key):
         return await _billed(proxy, call, request, inbound)
 
@@ -337,15 +338,21 @@ def settle_now(proxy: Proxy, call: Call) -> asyncio.Future[Any] | None:
         return None
     usage, record, elapsed = _record(call)
     charged = usage if usage is not None and not usage.is_zero() else None
-    key_id = call.key.id
+    key = call.key
 
     def after(cost: Any) -> None:
         if charged is not None:
             call.cost = cost
-            proxy.ratelimiter.add_tokens(key_id, charged.total_input_tokens + charged.output_tokens)
+            _count_tokens(proxy, key, charged)
         _finished(proxy, call, usage, elapsed)
 
     return settle_nowait(call.hold, scheme=call.model.scheme, usage=charged, record=record, after=after)
+
+
+def _count_tokens(proxy: Proxy, key: KeyRecord, usage: ir.Usage) -> None:
+    """Tokens count against the key's tpm (only a key with one is counted)."""
+    if key.tpm:
+        proxy.ratelimiter.add_tokens(key.id, usage.total_input_tokens + usage.output_tokens)
 
 
 async def finish_billing(proxy: Proxy, call: Call) -> None:
@@ -354,7 +361,7 @@ async def finish_billing(proxy: Proxy, call: Call) -> None:
     try:
         if usage is not None and not usage.is_zero():
             call.cost = await proxy.billing.settle(call.hold, scheme=call.model.scheme, usage=usage, record=record)
-            proxy.ratelimiter.add_tokens(call.key.id, usage.total_input_tokens + usage.output_tokens)
+            _count_tokens(proxy, call.key, usage)
         else:
             await proxy.billing.release(call.hold, record=record)
     except Exception:  # noqa: BLE001 - logged; the hold stays open for the sweeper

@@ -1,12 +1,20 @@
 """Per-key rate limits: ``rpm`` (requests per rolling minute) and ``tpm``
 (tokens per rolling minute, fed by ``add_tokens`` after settlement).
 
-In memory, per process (with ``serve --workers N`` each worker enforces the
-limit on its own share).  Counts are kept in one-second buckets, at most 60 per
-key, and at most ``max_keys`` keys are tracked (least recently used dropped),
-so memory is bounded whatever the request rate.  A refused request is not
-counted.  ``tpm`` is checked against tokens already used: the request that
-crosses the limit is served, the next ones wait.
+Counts are kept in one-second buckets, at most 60 per key.  A refused request
+is not counted.  ``tpm`` is checked against tokens already used: the request
+that crosses the limit is served, the next ones wait.
+
+Two stores (``[server] rate_limits``):
+
+* ``RateLimiter``: in memory, for a process that is alone on its database.
+  At most ``max_keys`` keys are tracked (least recently used dropped), so
+  memory is bounded whatever the request rate.
+* ``SharedRateLimiter``: the buckets live in the database, so every process
+  serving it (``serve --workers N``, several instances on one PostgreSQL)
+  counts against one window.  Checking and counting a request is one
+  transaction that the backend serialises per key, so two processes can never
+  both admit the last request of a window.  Only keys with a limit pay for it.
 """
 
 from __future__ import annotations
@@ -14,12 +22,17 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
+from typing import Any, Callable
+
+import structlog
 
 from .errors import ProxyError
 from .pricing import MAX_TOKENS
 from .storage.base import KeyRecord
 
 WINDOW = 60  # seconds
+
+log = structlog.get_logger("cheapproxy.ratelimit")
 
 
 class _Window:
@@ -86,13 +99,15 @@ class RateLimiter:
         sec = math.floor(now)
         w = self._window(key.id, sec)
         w.prune(sec)
-        if key.tpm and w.total(2) >= key.tpm:
-            wait = w.wait(2, key.tpm, now)
-            raise self._refuse(f"{key.tpm} tokens per minute", wait)
-        if key.rpm and w.total(1) >= key.rpm:
-            wait = w.wait(1, key.rpm, now)
-            raise self._refuse(f"{key.rpm} requests per minute", wait)
+        refusal = _refusal(w, key, now)
+        if refusal is not None:
+            raise refusal
         w.bucket(sec)[1] += 1
+
+    async def admit(self, key: KeyRecord) -> None:
+        """``check`` for the request path (the shared limiter's is a database
+        transaction)."""
+        self.check(key)
 
     def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
         """Count ``n`` tokens used by ``key_id`` (clamped to 0..MAX_TOKENS)."""
@@ -119,8 +134,66 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._keys)
 
-    @staticmethod
-    def _refuse(what: str, wait: float) -> ProxyError:
-        seconds = max(1, math.ceil(wait))
-        return ProxyError("rate_limited", f"Rate limit reached for this API key ({what}). Retry in {seconds} seconds.",
-                          retry_after=seconds, code="rate_limit_exceeded")
+
+
+def _refusal(w: _Window, key: KeyRecord, now: float) -> ProxyError | None:
+    """The 429 for one more request of ``key`` with ``w`` counted so far, or None."""
+    if key.tpm and w.total(2) >= key.tpm:
+        return _refuse(f"{key.tpm} tokens per minute", w.wait(2, key.tpm, now))
+    if key.rpm and w.total(1) >= key.rpm:
+        return _refuse(f"{key.rpm} requests per minute", w.wait(1, key.rpm, now))
+    return None
+
+
+def _refuse(what: str, wait: float) -> ProxyError:
+    seconds = max(1, math.ceil(wait))
+    return ProxyError("rate_limited", f"Rate limit reached for this API key ({what}). Retry in {seconds} seconds.",
+                      retry_after=seconds, code="rate_limit_exceeded")
+
+
+class SharedRateLimiter:
+    """rpm and tpm counted in the database's ``rate_windows`` table (one row
+    per key and second), shared by every process that serves it.  Seconds are
+    wall-clock (processes on several hosts must agree on them; a host whose
+    clock is off by a few seconds shifts its requests by as much in the
+    window).  ``track`` runs a background coroutine (the token counts written
+    after settlement)."""
+
+    def __init__(self, storage: Any, track: Callable[[Any], Any]) -> None:
+        self.storage = storage
+        self.track = track
+
+    async def admit(self, key: KeyRecord, now: float | None = None) -> None:
+        if not key.rpm and not key.tpm:
+            return
+        now = time.time() if now is None else now
+        sec = math.floor(now)
+        refusal: list[ProxyError] = []
+
+        def decide(rows: list[Any]) -> bool:
+            # runs inside the backend's transaction, with the key's rows of the last minute
+            w = _Window()
+            w.buckets.extend([int(r[0]), int(r[1]), int(r[2])] for r in rows if int(r[0]) > sec - WINDOW)
+            err = _refusal(w, key, now)
+            refusal[:] = [err] if err is not None else []  # (a transaction retried decides again)
+            return err is None
+
+        await self.storage.rate_take(key.id, sec, decide)
+        if refusal:
+            raise refusal[0]
+
+    def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            return
+        sec = math.floor(time.time() if now is None else now)
+        self.track(self._add(key_id, sec, min(n, MAX_TOKENS)))
+
+    async def _add(self, key_id: str, sec: int, n: int) -> None:
+        try:
+            await self.storage.rate_add_tokens(key_id, sec, n)
+        except Exception:  # noqa: BLE001 - a lost count lets a few more tokens through; the charge itself is safe
+            log.warning("ratelimit.count_failed", key_id=key_id, exc_info=True)
+
+    async def prune(self, now: float | None = None) -> int:
+        """Drop the rows that left every window (the sweeper calls this)."""
+        return int(await self.storage.rate_prune(math.floor(time.time() if now is None else now) - WINDOW))

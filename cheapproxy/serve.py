@@ -98,8 +98,11 @@ GC_THRESHOLD = 20_000  # allocations between young-generation collections (CPyth
 
 
 async def serve_forever(config: Config, registry: Registry, host: str, port: int, *, reuse_port: bool = False,
-                        announce: bool = True) -> None:
-    app = make_app(config, registry)
+                        announce: bool = True, workers: int = 1) -> None:
+    """Serve until SIGTERM / SIGINT; ``workers``: how many processes of this
+    ``serve`` share the port and the database (their rate limits are then counted
+    in the database)."""
+    app = make_app(config, registry, workers=workers)
     proxy = app[PROXY_KEY]
     grace = config.server.shutdown_grace_seconds
     runner = make_runner(app, config)
@@ -129,13 +132,13 @@ async def serve_forever(config: Config, registry: Registry, host: str, port: int
     log.info("shutdown.done")
 
 
-def _worker(config: Config, host: str, port: int) -> None:
+def _worker(config: Config, host: str, port: int, workers: int) -> None:
     from .registry import build_registry
 
     _use_uvloop()
     configure(config.server.log_level, config.server.log_format)
     registry = build_registry(disable=config.plugins.disable)
-    asyncio.run(serve_forever(config, registry, host, port, reuse_port=True, announce=False))
+    asyncio.run(serve_forever(config, registry, host, port, reuse_port=True, announce=False, workers=workers))
 
 
 def run(config: Config, registry: Registry, *, host: str | None, port: int | None, workers: int = 1) -> None:
@@ -150,7 +153,7 @@ def run(config: Config, registry: Registry, *, host: str | None, port: int | Non
         asyncio.run(serve_forever(config, registry, host, port))
         return
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config, host, port), daemon=False) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(config, host, port, workers), daemon=False) for _ in range(workers)]
     for p in procs:
         p.start()
     print(f"cheapproxy listening on http://{host}:{port} with {workers} workers", flush=True)

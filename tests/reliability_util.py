@@ -244,9 +244,9 @@ class ServeProcess:
             assert p.returncode == 0, (args, out, err)
         return p.returncode, out.decode(), err.decode()
 
-    async def start(self) -> ServeProcess:
+    async def start(self, *serve_args: str) -> ServeProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "cheapproxy", "--config", str(self.config), "serve",
+            self.python, "-m", "cheapproxy", "--config", str(self.config), "serve", *serve_args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self.env)
 
         async def pump(stream: Any, sink: list[bytes]) -> None:

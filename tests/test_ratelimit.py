@@ -1,14 +1,19 @@
-"""Per-key rate limits: rolling-minute rpm and tpm, Retry-After, bounded memory."""
+"""Per-key rate limits: rolling-minute rpm and tpm, Retry-After, bounded memory; and the
+shared limiter, whose counts live in the database for every process on it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from typing import Any
 
 import pytest
 
+from cheapproxy.config import ServerConfig
 from cheapproxy.errors import ProxyError
-from cheapproxy.ratelimit import RateLimiter
+from cheapproxy.ratelimit import RateLimiter, SharedRateLimiter
 from cheapproxy.storage.base import KeyRecord
+from cheapproxy.storage.sqlite import SQLiteStorage
 
 
 def key(kid: str = "key_a", **kw) -> KeyRecord:
@@ -88,3 +93,123 @@ def test_clock_step_back_does_not_corrupt_the_window() -> None:
     rl.check(k, now=90)  # wall clock went back: counted in the newest bucket
     err = refused(rl, k, 100.5)
     assert err.retry_after == 60
+
+
+# ---------------------------------------------------------------- shared by processes
+
+
+async def _shared_pair(tmp_path: Any) -> tuple[list[Any], list[SharedRateLimiter], list[Any]]:
+    """Two storages on one SQLite file (what two worker processes open), each
+    with its own shared limiter; the background token writes are collected."""
+    stores = [SQLiteStorage("sqlite:///limits.db", tmp_path) for _ in range(2)]
+    for s in stores:
+        await s.open()
+    tasks: list[Any] = []
+
+    def track(coro: Any) -> Any:
+        t = asyncio.get_running_loop().create_task(coro)
+        tasks.append(t)
+        return t
+
+    return stores, [SharedRateLimiter(s, track) for s in stores], tasks
+
+
+async def test_shared_rpm_is_one_window_for_every_process(tmp_path: Any) -> None:
+    stores, (a, b), _ = await _shared_pair(tmp_path)
+    try:
+        k = key(rpm=3)
+        await a.admit(k, now=1000.0)
+        await b.admit(k, now=1000.1)
+        await a.admit(k, now=1030.5)
+        with pytest.raises(ProxyError) as exc:
+            await b.admit(k, now=1031.0)  # the fourth in a minute, on the other process
+        err = exc.value
+        assert (err.kind, err.status, err.retry_after) == ("rate_limited", 429, 29)
+        assert err.message == "Rate limit reached for this API key (3 requests per minute). Retry in 29 seconds."
+        with pytest.raises(ProxyError):
+            await a.admit(k, now=1059.9)  # refused calls are not counted ...
+        await b.admit(k, now=1060.0)  # ... so second 1000's two leave the window at 1060: room for two
+        await a.admit(k, now=1060.2)
+        with pytest.raises(ProxyError) as exc:
+            await b.admit(k, now=1060.3)
+        assert exc.value.retry_after == 30  # 1030.5 leaves at 1090
+        rows = await stores[0]._in_thread_tx(lambda c: c.execute(
+            "SELECT second, requests FROM rate_windows WHERE key_id = ? ORDER BY second", (k.id,)).fetchall(), fold=False)
+        assert [tuple(r) for r in rows] == [(1030, 1), (1060, 2)]  # older seconds were dropped on the way
+        await a.admit(key("unlimited"), now=1060.4)  # keys without a limit are never written
+        assert await stores[1].rate_prune(2000) == 2
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_shared_tpm_counts_tokens_settled_on_any_process(tmp_path: Any) -> None:
+    stores, (a, b), tasks = await _shared_pair(tmp_path)
+    try:
+        k = key(tpm=1000)
+        await a.admit(k, now=10.0)
+        a.add_tokens(k.id, 600, now=10.0)
+        await b.admit(k, now=20.0)
+        b.add_tokens(k.id, 500, now=20.0)  # the call that crosses the limit was already served
+        for n in (-5, True, 2.5, "7", 0):
+            b.add_tokens(k.id, n, now=20.0)  # type: ignore[arg-type]
+        await asyncio.gather(*tasks)
+        assert len(tasks) == 2  # nonsense is not written
+        with pytest.raises(ProxyError) as exc:
+            await a.admit(k, now=30.0)
+        assert (exc.value.status, exc.value.retry_after) == (429, 40)
+        assert "1000 tokens per minute" in exc.value.message
+        await b.admit(k, now=70.0)  # the 600 expired, 500 < 1000
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_shared_limit_admits_exactly_the_limit_under_a_race(tmp_path: Any) -> None:
+    """Forty requests at once, spread over two storages on one file: exactly
+    the limit gets through (the read and the count are one transaction)."""
+    stores, limiters, _ = await _shared_pair(tmp_path)
+    try:
+        k = key(rpm=7)
+
+        async def one(i: int) -> bool:
+            try:
+                await limiters[i % 2].admit(k, now=500.0 + i / 100)
+                return True
+            except ProxyError:
+                return False
+
+        admitted = await asyncio.gather(*(one(i) for i in range(40)))
+        assert sum(admitted) == 7
+    finally:
+        for s in stores:
+            await s.close()
+
+
+def test_rate_limits_setting_picks_the_store() -> None:
+    s = ServerConfig()
+    assert s.rate_limits == "auto" and not s.shared_rate_limits() and s.shared_rate_limits(workers=2)
+    assert ServerConfig(database="postgresql://db/x").shared_rate_limits()
+    assert ServerConfig(rate_limits="database").shared_rate_limits()
+    assert not ServerConfig(rate_limits="memory", database="postgresql://db/x").shared_rate_limits(workers=4)
+    with pytest.raises(ValueError, match="rate_limits"):
+        ServerConfig(rate_limits="redis")
+
+
+def test_a_backend_without_rate_methods_counts_in_memory_or_is_refused(tmp_path: Any) -> None:
+    from cheapproxy.app import _shared_limits
+    from cheapproxy.config import parse_config
+    from cheapproxy.errors import ConfigError
+
+    class OldBackend:  # a storage plugin written before the rate methods
+        pass
+
+    auto = parse_config({"server": {"database": "custom://x"}}, file="c.toml")
+    assert _shared_limits(auto, SQLiteStorage("sqlite://:memory:"), 1) is True
+    assert _shared_limits(auto, OldBackend(), 2) is False
+    forced = parse_config({"server": {"database": "custom://x", "rate_limits": "database"}}, file="c.toml")
+    with pytest.raises(ConfigError, match="rate_limits.*OldBackend"):
+        _shared_limits(forced, OldBackend(), 1)
+    alone = parse_config({"server": {"rate_limits": "auto"}}, file="c.toml")
+    assert _shared_limits(alone, SQLiteStorage("sqlite://:memory:"), 1) is False
+    assert _shared_limits(alone, SQLiteStorage("sqlite://:memory:"), 3) is True

@@ -172,6 +172,19 @@ class Storage(Protocol):
     async def prune_idempotency(self, older_than: dt.datetime) -> int:
         """Forget idempotency records stored before ``older_than``."""
 
+    # rate limits shared by processes (ratelimit.SharedRateLimiter) --------------
+    async def rate_take(self, key_id: str, second: int, decide: Any) -> bool:
+        """In one transaction that processes take in turns per key: read the
+        key's ``(second, requests, tokens)`` rows of the 60 seconds up to
+        ``second``, and when ``decide(rows)`` is true count one request at
+        ``second``.  Returns what ``decide`` said."""
+
+    async def rate_add_tokens(self, key_id: str, second: int, tokens: int) -> None:
+        """Add ``tokens`` to the key's count at ``second``."""
+
+    async def rate_prune(self, before: int) -> int:
+        """Delete the counts of seconds up to ``before``; returns how many rows."""
+
     async def list_usage(self, *, user_name: str | None = None, since: dt.datetime | None = None, limit: int = 1000) -> list[UsageRecord]: ...
 
     async def ledger(self, user_id: int) -> list[LedgerEntry]: ...

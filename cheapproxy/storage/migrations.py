@@ -179,6 +179,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             created_at TEXT NOT NULL
         )""",
     )),
+    Migration("m007_rate_windows", (
+        # per-key request and token counts of each second, for rate limits
+        # shared by every process on this database (ratelimit.SharedRateLimiter)
+        """CREATE TABLE rate_windows (
+            key_id TEXT NOT NULL,
+            second INTEGER NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            tokens INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, second)
+        ) WITHOUT ROWID""",
+    )),
 )
 
 

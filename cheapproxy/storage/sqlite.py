@@ -853,6 +853,22 @@ class SQLiteStorage:
             cur = await db.execute("DELETE FROM idempotency WHERE created_at < ?", (_ts(older_than),))
             return cur.rowcount
 
+    # ------------------------------------------------------------- rate limits
+
+    async def rate_take(self, key_id: str, second: int, decide: Any) -> bool:
+        """One request of ``key_id`` at ``second`` (wall clock), if
+        ``decide(rows)`` admits it: ``rows`` are the key's (second, requests,
+        tokens) of the last minute, read in the same write transaction as the
+        count, so processes sharing the file take turns."""
+        return bool(await self._in_thread_tx(_rate_take_sync, key_id, second, decide, fold=False))
+
+    async def rate_add_tokens(self, key_id: str, second: int, tokens: int) -> None:
+        await self._in_thread_tx(_rate_add_sync, key_id, second, tokens, fold=False)
+
+    async def rate_prune(self, before: int) -> int:
+        """Forget the counts of seconds up to ``before``."""
+        return int(await self._in_thread_tx(_rate_prune_sync, before, fold=False))
+
     # ------------------------------------------------------------- reports
 
     @staticmethod
@@ -1114,6 +1130,31 @@ def _apply_charges(conn: sqlite3.Connection, entries: list[tuple[str, int, str, 
     except sqlite3.IntegrityError:
         raise ValueError("a request in the batch was already charged") from None
     return out, {i: h["amount"] for i, h in leases.items()}
+
+
+# ---------------------------------------------------------------- rate limits
+
+_RATE_WINDOW = 60  # seconds (ratelimit.WINDOW)
+
+
+def _rate_take_sync(conn: sqlite3.Connection, key_id: str, second: int, decide: Any) -> bool:
+    conn.execute("DELETE FROM rate_windows WHERE key_id = ? AND second <= ?", (key_id, second - _RATE_WINDOW))
+    rows = conn.execute("SELECT second, requests, tokens FROM rate_windows WHERE key_id = ? ORDER BY second",
+                        (key_id,)).fetchall()
+    if not decide(rows):
+        return False
+    conn.execute("INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES (?, ?, 1, 0)"
+                 " ON CONFLICT (key_id, second) DO UPDATE SET requests = requests + 1", (key_id, second))
+    return True
+
+
+def _rate_add_sync(conn: sqlite3.Connection, key_id: str, second: int, tokens: int) -> None:
+    conn.execute("INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES (?, ?, 0, ?)"
+                 " ON CONFLICT (key_id, second) DO UPDATE SET tokens = tokens + excluded.tokens", (key_id, second, tokens))
+
+
+def _rate_prune_sync(conn: sqlite3.Connection, before: int) -> int:
+    return conn.execute("DELETE FROM rate_windows WHERE second <= ?", (before,)).rowcount
 
 
 # ---------------------------------------------------------------- charge queue

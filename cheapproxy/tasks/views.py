@@ -130,7 +130,7 @@ async def _submit(request: web.Request, kind: str, *, body: dict[str, Any] | Non
     key = await _key(request)
     model = _model(request, body, key)
     _check_kind(model, kind, request.path)
-    proxy.ratelimiter.check(key)
+    await proxy.ratelimiter.admit(key)
     async with proxy.admission(key):
         task = await TaskService.of(proxy).submit(key=key, model=model, kind=kind, body=body)
     return task, model
@@ -166,13 +166,13 @@ async def submit_image(request: web.Request) -> web.StreamResponse:
     images.count(body)
     mode = images.image_mode(model)
     if mode == "task":
-        proxy.ratelimiter.check(key)
+        await proxy.ratelimiter.admit(key)
         async with proxy.admission(key):
             task = await TaskService.of(proxy).submit(key=key, model=model, kind="image", body=body)
         return _json(_submitted(task))
     if mode is None:
         raise ProxyError("invalid_request", f"Model '{model.name}' cannot generate images.", param="model")
-    proxy.ratelimiter.check(key)
+    await proxy.ratelimiter.admit(key)
     async with proxy.admission(key):
         out, cost = await images.generate(proxy, key=key, model=model, body=body, body_bytes=size,
                                           request_id=request[REQUEST_ID_KEY])

@@ -159,6 +159,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX tasks_unfinished ON tasks(next_poll_at) WHERE state IN ('queued', 'running')",
         "CREATE INDEX tasks_hold ON tasks(hold_id) WHERE hold_id IS NOT NULL",
     )),
+    # (m006 is SQLite's charge queue; this backend charges in place)
+    Migration("m007_rate_windows", (
+        # per-key request and token counts of each second, for rate limits
+        # shared by every instance on this database (cheapproxy.ratelimit.SharedRateLimiter)
+        """CREATE TABLE rate_windows (
+            key_id TEXT NOT NULL,
+            second BIGINT NOT NULL,
+            requests BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (key_id, second)
+        )""",
+    )),
 )
 
 

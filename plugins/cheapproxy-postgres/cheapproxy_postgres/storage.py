@@ -48,6 +48,9 @@ from .tasks import FINAL, TaskMethods
 from .url import PostgresURL, parse_url
 
 T = TypeVar("T")
+RATE_WINDOW = 60  # seconds (cheapproxy.ratelimit.WINDOW)
+# first key of the advisory lock that serialises one API key's rate-limit checks ("cprl"; the second is hashtext(key id))
+RATE_LOCK_CLASS = 0x6370726C
 RETRIES = 8  # attempts of a transaction that hit a deadlock or serialization failure
 _RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # the database is unreachable, restarting, out of connections or cancelled the statement
@@ -596,6 +599,46 @@ class PostgresStorage(TaskMethods):
 
         async def fn(db: asyncpg.Connection) -> int:
             return count(await db.execute("DELETE FROM idempotency WHERE created_at < $1", ts(older_than)))
+
+        return await self._write(fn)
+
+    # ------------------------------------------------------------- rate limits
+
+    async def rate_take(self, key_id: str, second: int, decide: Any) -> bool:
+        """One request of ``key_id`` at ``second`` (wall clock), if
+        ``decide(rows)`` admits it: ``rows`` are the key's (second, requests,
+        tokens) of the last minute.  An advisory lock per key, taken before
+        the rows are read, makes instances take turns for the same key."""
+
+        async def fn(db: asyncpg.Connection) -> bool:
+            await db.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2::text))", RATE_LOCK_CLASS, key_id)
+            # (a statement of its own: a snapshot taken before the lock was granted could miss a commit)
+            rows = await db.fetch(
+                "WITH gone AS (DELETE FROM rate_windows WHERE key_id = $1 AND second <= $2)"
+                " SELECT second, requests, tokens FROM rate_windows WHERE key_id = $1 AND second > $2 ORDER BY second",
+                key_id, second - RATE_WINDOW)
+            if not decide([tuple(r) for r in rows]):
+                return False
+            await db.execute("INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES ($1, $2, 1, 0)"
+                             " ON CONFLICT (key_id, second) DO UPDATE SET requests = rate_windows.requests + 1",
+                             key_id, second)
+            return True
+
+        return await self._write(fn)
+
+    async def rate_add_tokens(self, key_id: str, second: int, tokens: int) -> None:
+        async def fn(db: asyncpg.Connection) -> None:
+            await db.execute("INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES ($1, $2, 0, $3)"
+                             " ON CONFLICT (key_id, second) DO UPDATE SET tokens = rate_windows.tokens + excluded.tokens",
+                             key_id, second, tokens)
+
+        await self._write(fn)
+
+    async def rate_prune(self, before: int) -> int:
+        """Forget the counts of seconds up to ``before``."""
+
+        async def fn(db: asyncpg.Connection) -> int:
+            return count(await db.execute("DELETE FROM rate_windows WHERE second <= $1", before))
 
         return await self._write(fn)
 

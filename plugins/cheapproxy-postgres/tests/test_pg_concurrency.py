@@ -195,3 +195,50 @@ async def test_kill_9_mid_transaction_leaves_no_trace(pg_url: str) -> None:
             assert final[u.name].balance == await ledger_sum(s, u.id)
     finally:
         await s.close()
+
+
+async def test_two_instances_race_a_keys_rpm(pg_url: str, pg_schema: str) -> None:
+    """Sixty admits at once of a key with rpm 9, split over two instances
+    (two pools): exactly nine get through, and the window's rows say so;
+    settled tokens written by either instance refuse the next request of a
+    key with a tpm on the other."""
+    from cheapproxy.errors import ProxyError
+    from cheapproxy.ratelimit import SharedRateLimiter
+
+    a, b = await opened(pg_url), await opened(pg_url)
+    tasks: list[asyncio.Task] = []
+
+    def track(coro):  # type: ignore[no-untyped-def]
+        tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    try:
+        limiters = [SharedRateLimiter(a, track), SharedRateLimiter(b, track)]
+        k = KeyRecord(id="key_r", user_id=1, key_hash="e" * 64, rpm=9)
+
+        async def one(i: int) -> bool:
+            await asyncio.sleep(random.uniform(0, 0.01))
+            try:
+                await limiters[i % 2].admit(k, now=5000.0 + i / 1000)
+                return True
+            except ProxyError as err:
+                assert err.status == 429 and err.retry_after is not None
+                return False
+
+        admitted = await asyncio.gather(*(one(i) for i in range(60)))
+        assert sum(admitted) == 9
+        rows = await raw(pg_schema, "SELECT SUM(requests) AS n FROM rate_windows WHERE key_id = 'key_r'")
+        assert rows[0]["n"] == 9
+        t = KeyRecord(id="key_t", user_id=1, key_hash="d" * 64, tpm=100)
+        await limiters[0].admit(t, now=6000.0)
+        limiters[0].add_tokens(t.id, 150, now=6000.0)
+        await asyncio.gather(*tasks)
+        try:
+            await limiters[1].admit(t, now=6010.0)
+            raise AssertionError("admitted over the tpm")
+        except ProxyError as err:
+            assert (err.status, err.retry_after) == (429, 50)
+        assert await b.rate_prune(7000) >= 2
+        assert (await raw(pg_schema, "SELECT COUNT(*) AS n FROM rate_windows"))[0]["n"] == 0
+    finally:
+        await a.close()
+        await b.close()

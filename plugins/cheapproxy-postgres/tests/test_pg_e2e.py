@@ -96,3 +96,20 @@ async def test_two_gateways_one_database(gateway, pg_url: str, pg_schema: str) -
     with pytest.raises(openai.AuthenticationError):
         await clients[1].chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}])
     assert await gw2.balance("alice") == D(10) - spent
+
+
+async def test_two_gateways_share_a_keys_rpm(gateway, pg_url: str, pg_schema: str) -> None:
+    """On PostgreSQL the rpm of a key is counted in the database: calls to
+    two instances count against one window (the fourth of 3 is refused with
+    429 and Retry-After, in the SDK's shape)."""
+    gw1 = await gateway(server_toml(pg_url), user="alice", balance="10.00", rpm=3)
+    gw2 = await gateway(server_toml(pg_url), user="bob", balance="1.00")
+    clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=gw1.key, max_retries=0) for g in (gw1, gw2)]
+    for i in range(3):
+        r = await clients[i % 2].chat.completions.create(model="demo", messages=[{"role": "user", "content": f"m{i}"}])
+        assert r.choices[0].message.content == f"echo: m{i}"
+    with pytest.raises(openai.RateLimitError) as exc:
+        await clients[1].chat.completions.create(model="demo", messages=[{"role": "user", "content": "again"}])
+    assert 1 <= int(exc.value.response.headers["retry-after"]) <= 60
+    rows = await raw(pg_schema, "SELECT SUM(requests) AS n FROM rate_windows WHERE key_id = $1", gw1.key_id)
+    assert rows[0]["n"] == 3

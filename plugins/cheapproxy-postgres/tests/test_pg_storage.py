@@ -130,7 +130,7 @@ async def test_open_creates_schema_and_tables(store: PostgresStorage, pg_schema:
     tables = {r["table_name"] for r in await raw(
         pg_schema, "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", pg_schema)}
     assert tables == {"schema_migrations", "users", "api_keys", "keys_version", "ledger", "holds", "usage",
-                      "idempotency", "tasks"}
+                      "idempotency", "tasks", "rate_windows"}
     money = {(r["table_name"], r["column_name"]): r["data_type"] for r in await raw(
         pg_schema, "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = $1",
         pg_schema)}
