@@ -135,7 +135,6 @@ class RateLimiter:
         return len(self._keys)
 
 
-
 def _refusal(w: _Window, key: KeyRecord, now: float) -> ProxyError | None:
     """The 429 for one more request of ``key`` with ``w`` counted so far, or None."""
     if key.tpm and w.total(2) >= key.tpm:
