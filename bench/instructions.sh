@@ -7,6 +7,10 @@
 #
 #   bench/instructions.sh                  # both configs (same-protocol, translated)
 #   MODES=same N=300 bench/instructions.sh # one config, fewer requests per row
+#   LAYERS="core tap guards billing full" bench/instructions.sh
+#                                          # where the instructions go: the same-protocol
+#                                          # config with the request path cut down to each
+#                                          # layer (bench/layers.py), one gateway per layer
 #
 # Everything runs inside a private network namespace with only loopback (as the
 # shared harness does): nginx from ../shared/bench on 127.0.0.1:18080 with its
@@ -97,6 +101,38 @@ count() {
 
 under_callgrind bare "$BPY" "$SHARED/bench/bare_proxy.py" --uvloop --port 14150 --upstream http://127.0.0.1:18080
 port=14250
+if [ -n "${LAYERS:-}" ]; then
+  for layer in $LAYERS; do
+    mkdir "$WORK/$layer"
+    "$VENV/bin/python" "$HERE/make_config.py" same > "$WORK/$layer/cheapproxy.toml"
+    CP="$VENV/bin/cheapproxy --config $WORK/$layer/cheapproxy.toml"
+    $CP users add bench --balance 1000000 --json > /dev/null
+    $CP keys create bench --json | "$VENV/bin/python" -c 'import json,sys;print(json.load(sys.stdin)["key"])' > "$WORK/$layer/key"
+    under_callgrind "cp_$layer" "$VENV/bin/python" "$HERE/layers.py" "$layer" --config "$WORK/$layer/cheapproxy.toml" serve --port "$port"
+    eval "PORT_$layer=$port"
+    port=$((port + 1))
+  done
+  wait_up 14150
+  for layer in $LAYERS; do wait_up "$(eval echo "\$PORT_$layer")"; done
+  B=http://127.0.0.1:14150
+  echo "instructions per request by layer (callgrind, user space, bench/layers.py), $N streamed requests or ${WRK_SECONDS}s of wrk per row; $(date -u +%FT%TZ); $(git -C "$ROOT" rev-parse --short HEAD)"
+  echo
+  echo "| build | OpenAI non-stream | OpenAI stream | Anthropic stream |"
+  echo "|---|--:|--:|--:|"
+  python3 -c "import sys; print('| bare-uvloop proxy | ' + ' | '.join(f'{int(x):,}' for x in sys.argv[1:]) + ' |')" \
+    "$(count bare json "$B" /v1/chat/completions gpt-bench "Authorization: Bearer x")" \
+    "$(count bare stream openai "$B" /stream/v1/chat/completions gpt-bench-stream "Authorization: Bearer x")" \
+    "$(count bare stream anthropic "$B" /stream/v1/messages claude-bench-stream "x-api-key: x" "anthropic-version: 2023-06-01")"
+  for layer in $LAYERS; do
+    U=http://127.0.0.1:$(eval echo "\$PORT_$layer")
+    K=$(cat "$WORK/$layer/key")
+    python3 -c "import sys; print(f'| {sys.argv[1]} | ' + ' | '.join(f'{int(x):,}' for x in sys.argv[2:]) + ' |')" "$layer" \
+      "$(count "cp_$layer" json "$U" /v1/chat/completions gpt-bench "Authorization: Bearer $K")" \
+      "$(count "cp_$layer" stream openai "$U" /v1/chat/completions gpt-bench-stream "Authorization: Bearer $K")" \
+      "$(count "cp_$layer" stream anthropic "$U" /v1/messages claude-bench-stream "x-api-key: $K" "anthropic-version: 2023-06-01")"
+  done
+  exit 0
+fi
 for mode in $MODES; do
   mkdir "$WORK/$mode"  # a database of its own (bench.db beside the config)
   "$VENV/bin/python" "$HERE/make_config.py" "$mode" > "$WORK/$mode/cheapproxy.toml"
