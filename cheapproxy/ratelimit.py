@@ -14,11 +14,13 @@ Two stores (``[server] rate_limits``):
   serving it (``serve --workers N``, several instances on one PostgreSQL)
   counts against one window.  Checking and counting a request is one
   transaction that the backend serialises per key, so two processes can never
-  both admit the last request of a window.  Only keys with a limit pay for it.
+  both admit the last request of a window.  Only keys with a limit pay for it,
+  and a refused key's repeats are answered from memory until its wait ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict, deque
@@ -137,10 +139,17 @@ class RateLimiter:
 
 def _refusal(w: _Window, key: KeyRecord, now: float) -> ProxyError | None:
     """The 429 for one more request of ``key`` with ``w`` counted so far, or None."""
+    why = _why_refused(w, key, now)
+    return None if why is None else _refuse(*why)
+
+
+def _why_refused(w: _Window, key: KeyRecord, now: float) -> tuple[str, float] | None:
+    """(which limit, seconds until there is room) when ``w`` has no room for
+    one more request of ``key``."""
     if key.tpm and w.total(2) >= key.tpm:
-        return _refuse(f"{key.tpm} tokens per minute", w.wait(2, key.tpm, now))
+        return f"{key.tpm} tokens per minute", w.wait(2, key.tpm, now)
     if key.rpm and w.total(1) >= key.rpm:
-        return _refuse(f"{key.rpm} requests per minute", w.wait(1, key.rpm, now))
+        return f"{key.rpm} requests per minute", w.wait(1, key.rpm, now)
     return None
 
 
@@ -156,30 +165,87 @@ class SharedRateLimiter:
     wall-clock (processes on several hosts must agree on them; a host whose
     clock is off by a few seconds shifts its requests by as much in the
     window).  ``track`` runs a background coroutine (the token counts written
-    after settlement)."""
+    after settlement).
 
-    def __init__(self, storage: Any, track: Callable[[Any], Any]) -> None:
+    A flood from one key must not take the database from the others, so:
+
+    * a refusal is remembered until the moment it named: other processes only
+      ever add counts, so the window cannot empty sooner, and the repeats are
+      answered from memory without a transaction;
+    * one process runs at most one ``rate_take`` per key at a time (the others
+      of that key wait in line here, not for a pool connection or the SQLite
+      write lock)."""
+
+    def __init__(self, storage: Any, track: Callable[[Any], Any], *, max_refusals: int = 100_000) -> None:
         self.storage = storage
         self.track = track
+        self.max_refusals = max_refusals
+        # (key id, rpm, tpm) -> (until, what): a changed limit is a new entry
+        self._refused: dict[tuple[str, int | None, int | None], tuple[float, str]] = {}
+        self._lines: dict[str, list[Any]] = {}  # key id -> [asyncio.Lock, users]
+        self.transactions = 0  # rate_take calls made (for the tests and metrics)
+
+    def _remembered(self, ident: tuple[str, int | None, int | None], now: float) -> ProxyError | None:
+        hit = self._refused.get(ident)
+        if hit is None:
+            return None
+        until, what = hit
+        if now < until <= now + WINDOW:  # (past that, the wall clock stepped back: ask the database)
+            return _refuse(what, until - now)
+        del self._refused[ident]
+        return None
+
+    def _remember(self, ident: tuple[str, int | None, int | None], now: float, what: str, wait: float) -> None:
+        if len(self._refused) >= self.max_refusals:  # bounded: drop what expired, else the oldest half
+            live = {k: v for k, v in self._refused.items() if v[0] > now}
+            if len(live) >= self.max_refusals:
+                live = dict(list(live.items())[len(live) // 2:])
+            self._refused = live
+        self._refused[ident] = (now + wait, what)
 
     async def admit(self, key: KeyRecord, now: float | None = None) -> None:
         if not key.rpm and not key.tpm:
             return
-        now = time.time() if now is None else now
+        ident = (key.id, key.rpm, key.tpm)
+        err = self._remembered(ident, time.time() if now is None else now)
+        if err is not None:
+            raise err
+        line = self._lines.get(key.id)
+        if line is None:
+            line = self._lines[key.id] = [asyncio.Lock(), 0]
+        line[1] += 1
+        try:
+            async with line[0]:
+                t = time.time() if now is None else now
+                err = self._remembered(ident, t)  # refused while this one waited in line
+                if err is None:
+                    err = await self._take(key, ident, t)
+        finally:
+            line[1] -= 1
+            if not line[1]:
+                del self._lines[key.id]
+        if err is not None:
+            raise err
+
+    async def _take(self, key: KeyRecord, ident: tuple[str, int | None, int | None], now: float) -> ProxyError | None:
         sec = math.floor(now)
-        refusal: list[ProxyError] = []
+        refusal: list[tuple[str, float]] = []
 
         def decide(rows: list[Any]) -> bool:
             # runs inside the backend's transaction, with the key's rows of the last minute
             w = _Window()
             w.buckets.extend([int(r[0]), int(r[1]), int(r[2])] for r in rows if int(r[0]) > sec - WINDOW)
-            err = _refusal(w, key, now)
-            refusal[:] = [err] if err is not None else []  # (a transaction retried decides again)
-            return err is None
+            why = _why_refused(w, key, now)
+            refusal[:] = [why] if why is not None else []  # (a transaction retried decides again)
+            return why is None
 
+        self.transactions += 1
         await self.storage.rate_take(key.id, sec, decide)
-        if refusal:
-            raise refusal[0]
+        if not refusal:
+            return None
+        what, wait = refusal[0]
+        self._remember(ident, now, what, wait)
+        return _refuse(what, wait)
 
     def add_tokens(self, key_id: str, n: int, now: float | None = None) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:

@@ -135,8 +135,9 @@ async def test_shared_rpm_is_one_window_for_every_process(tmp_path: Any) -> None
         assert exc.value.retry_after == 30  # 1030.5 leaves at 1090
         rows = await stores[0]._in_thread_tx(lambda c: c.execute(
             "SELECT second, requests FROM rate_windows WHERE key_id = ? ORDER BY second", (k.id,)).fetchall(), fold=False)
-        assert [tuple(r) for r in rows] == [(1030, 1), (1060, 2)]  # older seconds were dropped on the way
+        assert [tuple(r) for r in rows] == [(1000, 2), (1030, 1), (1060, 2)]  # old seconds wait for the sweeper
         await a.admit(key("unlimited"), now=1060.4)  # keys without a limit are never written
+        assert await stores[1].rate_prune(1000) == 1
         assert await stores[1].rate_prune(2000) == 2
     finally:
         for s in stores:
@@ -181,6 +182,63 @@ async def test_shared_limit_admits_exactly_the_limit_under_a_race(tmp_path: Any)
 
         admitted = await asyncio.gather(*(one(i) for i in range(40)))
         assert sum(admitted) == 7
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_refused_flood_does_not_reach_the_database(tmp_path: Any) -> None:
+    """An over-limit key hammering one process: the refusals after the first
+    are answered from memory until the wait they named ends, concurrent
+    requests of one key take turns (one transaction at a time), and another
+    process, which never saw the refusal, still counts exactly."""
+    stores, (a, b), _ = await _shared_pair(tmp_path)
+    try:
+        k = key(rpm=2)
+        await a.admit(k, now=100.0)
+        await a.admit(k, now=100.5)
+        assert a.transactions == 2
+
+        async def one(now: float) -> ProxyError | None:
+            try:
+                await a.admit(k, now=now)
+            except ProxyError as exc:
+                return exc
+            return None
+
+        errs = await asyncio.gather(*(one(101.0 + i / 1000) for i in range(200)))
+        assert all(e is not None and e.status == 429 for e in errs)
+        assert a.transactions == 3  # the first refusal asked the database; the other 199 did not
+        assert {e.retry_after for e in errs if e} == {59}  # 160 - 101.x, rounded up
+        assert "2 requests per minute" in errs[-1].message  # type: ignore[union-attr]
+        err = await one(159.5)
+        assert err is not None and err.retry_after == 1 and a.transactions == 3
+        with pytest.raises(ProxyError):
+            await b.admit(k, now=120.0)  # the other process reads the table
+        assert b.transactions == 1
+        await a.admit(key(rpm=3), now=121.0)  # a raised limit is not the remembered refusal: admitted
+        assert a.transactions == 4
+        await a.admit(k, now=160.0)  # the wait named has passed: the database decides, and there is room
+        assert a.transactions == 5
+        rows = await stores[0]._in_thread_tx(lambda c: c.execute(
+            "SELECT second, requests FROM rate_windows WHERE key_id = ? ORDER BY second", (k.id,)).fetchall(), fold=False)
+        assert [tuple(r) for r in rows] == [(100, 2), (121, 1), (160, 1)]  # refusals were never counted
+        assert not a._lines  # no lock left behind per key
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_clock_step_back_does_not_stretch_a_remembered_refusal(tmp_path: Any) -> None:
+    stores, (a, _), _ = await _shared_pair(tmp_path)
+    try:
+        k = key(rpm=1)
+        await a.admit(k, now=1000.0)
+        with pytest.raises(ProxyError):
+            await a.admit(k, now=1001.0)  # remembered until 1060
+        with pytest.raises(ProxyError):
+            await a.admit(k, now=900.0)  # the wall clock went back 100 s: not answered from memory ...
+        assert a.transactions == 3  # ... the database is asked (and still counts the request at 1000)
     finally:
         for s in stores:
             await s.close()

@@ -1138,9 +1138,9 @@ _RATE_WINDOW = 60  # seconds (ratelimit.WINDOW)
 
 
 def _rate_take_sync(conn: sqlite3.Connection, key_id: str, second: int, decide: Any) -> bool:
-    conn.execute("DELETE FROM rate_windows WHERE key_id = ? AND second <= ?", (key_id, second - _RATE_WINDOW))
-    rows = conn.execute("SELECT second, requests, tokens FROM rate_windows WHERE key_id = ? ORDER BY second",
-                        (key_id,)).fetchall()
+    # (older rows are left to rate_prune: deleting here too would make the two writers wait on each other)
+    rows = conn.execute("SELECT second, requests, tokens FROM rate_windows WHERE key_id = ? AND second > ?"
+                        " ORDER BY second", (key_id, second - _RATE_WINDOW)).fetchall()
     if not decide(rows):
         return False
     conn.execute("INSERT INTO rate_windows (key_id, second, requests, tokens) VALUES (?, ?, 1, 0)"

@@ -164,15 +164,16 @@ class PostgresStorage(TaskMethods):
             raise StorageError("storage is not open")
         return self._pool
 
-    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run ``fn`` in one transaction; retried whole on deadlock / serialization
-        failure.  A cancelled caller's transaction is rolled back (or, if the
-        connection cannot say, the connection is closed, which rolls it back)."""
+    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]], isolation: str | None = None) -> T:
+        """Run ``fn`` in one transaction (at ``isolation``, default the server's);
+        retried whole on deadlock / serialization failure.  A cancelled caller's
+        transaction is rolled back (or, if the connection cannot say, the
+        connection is closed, which rolls it back)."""
         pool = self._require()
         for attempt in range(RETRIES):
             try:
                 async with pool.acquire(timeout=self.options.acquire_timeout) as conn:
-                    async with conn.transaction():
+                    async with conn.transaction(isolation=isolation):
                         return await fn(conn)
             except _Rollback as rb:
                 return rb.value  # type: ignore[no-any-return]
@@ -613,9 +614,9 @@ class PostgresStorage(TaskMethods):
         async def fn(db: asyncpg.Connection) -> bool:
             await db.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2::text))", RATE_LOCK_CLASS, key_id)
             # (a statement of its own: a snapshot taken before the lock was granted could miss a commit)
+            # (older rows are left to rate_prune: deleting them here could deadlock with it)
             rows = await db.fetch(
-                "WITH gone AS (DELETE FROM rate_windows WHERE key_id = $1 AND second <= $2)"
-                " SELECT second, requests, tokens FROM rate_windows WHERE key_id = $1 AND second > $2 ORDER BY second",
+                "SELECT second, requests, tokens FROM rate_windows WHERE key_id = $1 AND second > $2 ORDER BY second",
                 key_id, second - RATE_WINDOW)
             if not decide([tuple(r) for r in rows]):
                 return False
@@ -624,7 +625,9 @@ class PostgresStorage(TaskMethods):
                              key_id, second)
             return True
 
-        return await self._write(fn)
+        # READ COMMITTED whatever the server's default: each statement sees what
+        # committed before it, so the read after the lock sees the last holder's count
+        return await self._write(fn, isolation="read_committed")
 
     async def rate_add_tokens(self, key_id: str, second: int, tokens: int) -> None:
         async def fn(db: asyncpg.Connection) -> None:

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from cheapproxy.storage.base import KeyRecord, UsageRecord
 from cheapproxy_postgres.storage import PostgresStorage
-from pg_testlib import ledger_sum, opened, raw
+from pg_testlib import ledger_sum, opened, raw, schema_url
 
 D = Decimal
 UTC = dt.timezone.utc
@@ -242,3 +242,38 @@ async def test_two_instances_race_a_keys_rpm(pg_url: str, pg_schema: str) -> Non
     finally:
         await a.close()
         await b.close()
+
+
+async def test_rate_limit_holds_whatever_the_servers_default_isolation(pg_schema: str) -> None:
+    """A database whose default isolation is REPEATABLE READ: a snapshot
+    taken before the key's lock would miss the count committed by the
+    instance that held it, so the rate transaction sets READ COMMITTED
+    itself.  Three instances race sixty admits of a key with rpm 9."""
+    from cheapproxy.errors import ProxyError
+    from cheapproxy.ratelimit import SharedRateLimiter
+
+    url = schema_url(pg_schema, default_transaction_isolation="repeatable%20read")
+    stores = [await opened(url) for _ in range(3)]
+    try:
+        async with stores[0]._require().acquire() as conn:
+            assert await conn.fetchval("SHOW default_transaction_isolation") == "repeatable read"
+        limiters = [SharedRateLimiter(s, lambda coro: None) for s in stores]
+        k = KeyRecord(id="key_i", user_id=1, key_hash="c" * 64, rpm=9)
+
+        async def one(i: int) -> bool:
+            await asyncio.sleep(random.uniform(0, 0.01))
+            try:
+                # each in a second of its own (one minute in all): the counts are separate rows,
+                # so no row conflict would save a stale read
+                await limiters[i % 3].admit(k, now=8000.0 + i * 0.9)
+                return True
+            except ProxyError:
+                return False
+
+        admitted = await asyncio.gather(*(one(i) for i in range(60)))
+        assert sum(admitted) == 9
+        rows = await raw(pg_schema, "SELECT SUM(requests) AS n FROM rate_windows WHERE key_id = 'key_i'")
+        assert rows[0]["n"] == 9
+    finally:
+        for s in stores:
+            await s.close()
