@@ -183,7 +183,7 @@ class SharedRateLimiter:
         # (key id, rpm, tpm) -> (until, what): a changed limit is a new entry
         self._refused: dict[tuple[str, int | None, int | None], tuple[float, str]] = {}
         self._lines: dict[str, list[Any]] = {}  # key id -> [asyncio.Lock, users]
-        self.transactions = 0  # rate_take calls made (for the tests and metrics)
+        self.transactions = 0  # rate_take calls made (the tests read it)
 
     def _remembered(self, ident: tuple[str, int | None, int | None], now: float) -> ProxyError | None:
         hit = self._refused.get(ident)
