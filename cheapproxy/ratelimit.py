@@ -28,11 +28,12 @@ from typing import Any, Callable
 
 import structlog
 
-from .errors import ProxyError
+from .errors import ProxyError, StorageError
 from .pricing import MAX_TOKENS
 from .storage.base import KeyRecord
 
 WINDOW = 60  # seconds
+CLOCK_SLACK = 5  # seconds another host's clock may run ahead of this one's (SharedRateLimiter)
 
 log = structlog.get_logger("cheapproxy.ratelimit")
 
@@ -174,12 +175,16 @@ class SharedRateLimiter:
       answered from memory without a transaction;
     * one process runs at most one ``rate_take`` per key at a time (the others
       of that key wait in line here, not for a pool connection or the SQLite
-      write lock)."""
+      write lock), and none waits in that line longer than ``line_timeout``
+      seconds (a database too slow for that answers 503, as any storage
+      failure does)."""
 
-    def __init__(self, storage: Any, track: Callable[[Any], Any], *, max_refusals: int = 100_000) -> None:
+    def __init__(self, storage: Any, track: Callable[[Any], Any], *, max_refusals: int = 100_000,
+                 line_timeout: float = 10.0) -> None:
         self.storage = storage
         self.track = track
         self.max_refusals = max_refusals
+        self.line_timeout = line_timeout
         # (key id, rpm, tpm) -> (until, what): a changed limit is a new entry
         self._refused: dict[tuple[str, int | None, int | None], tuple[float, str]] = {}
         self._lines: dict[str, list[Any]] = {}  # key id -> [asyncio.Lock, users]
@@ -190,15 +195,17 @@ class SharedRateLimiter:
         if hit is None:
             return None
         until, what = hit
-        if now < until <= now + WINDOW:  # (past that, the wall clock stepped back: ask the database)
+        if now < until <= now + WINDOW + CLOCK_SLACK:  # (past that, this clock stepped back: ask the database)
             return _refuse(what, until - now)
         del self._refused[ident]
         return None
 
     def _remember(self, ident: tuple[str, int | None, int | None], now: float, what: str, wait: float) -> None:
-        if len(self._refused) >= self.max_refusals:  # bounded: drop what expired, else the oldest half
+        if len(self._refused) >= self.max_refusals:
+            # bounded: drop what expired and, unless that freed a quarter, the
+            # oldest half too (so the next trim is max_refusals / 4 refusals away)
             live = {k: v for k, v in self._refused.items() if v[0] > now}
-            if len(live) >= self.max_refusals:
+            if len(live) > self.max_refusals * 3 // 4:
                 live = dict(list(live.items())[len(live) // 2:])
             self._refused = live
         self._refused[ident] = (now + wait, what)
@@ -215,11 +222,18 @@ class SharedRateLimiter:
             line = self._lines[key.id] = [asyncio.Lock(), 0]
         line[1] += 1
         try:
-            async with line[0]:
+            try:
+                async with asyncio.timeout(self.line_timeout):
+                    await line[0].acquire()
+            except TimeoutError:
+                raise StorageError(f"rate limit check: waited {self.line_timeout:g}s in line for the database") from None
+            try:
                 t = time.time() if now is None else now
                 err = self._remembered(ident, t)  # refused while this one waited in line
                 if err is None:
                     err = await self._take(key, ident, t)
+            finally:
+                line[0].release()
         finally:
             line[1] -= 1
             if not line[1]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 from typing import Any
 
 import pytest
 
 from cheapproxy.config import ServerConfig
-from cheapproxy.errors import ProxyError
+from cheapproxy.errors import ProxyError, StorageError
 from cheapproxy.ratelimit import RateLimiter, SharedRateLimiter
 from cheapproxy.storage.base import KeyRecord
 from cheapproxy.storage.sqlite import SQLiteStorage
@@ -229,6 +230,104 @@ async def test_a_refused_flood_does_not_reach_the_database(tmp_path: Any) -> Non
             await s.close()
 
 
+async def _write_locked(tmp_path: Any, seconds: float) -> None:
+    """Hold the SQLite file's write lock from a connection of its own (another
+    process's long transaction) for ``seconds``: the storages' transactions
+    then wait on aiosqlite's thread, so a ``rate_take`` really suspends."""
+    conn = sqlite3.connect(str(tmp_path / "limits.db"), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        await asyncio.sleep(seconds)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+async def test_requests_of_one_key_take_turns_and_reuse_a_refusal_found_while_they_waited(tmp_path: Any) -> None:
+    stores, (a, _), _ = await _shared_pair(tmp_path)
+    try:
+        k = key(rpm=2)
+        await a.admit(k, now=100.0)
+        await a.admit(k, now=100.5)
+        t0 = a.transactions
+        locker = asyncio.create_task(_write_locked(tmp_path, 0.4))
+        await asyncio.sleep(0.05)
+
+        async def one(i: int) -> ProxyError | None:
+            try:
+                await a.admit(k, now=101.0 + i / 1000)
+            except ProxyError as exc:
+                return exc
+            return None
+
+        errs = await asyncio.gather(*(one(i) for i in range(50)))
+        await locker
+        assert all(e is not None and e.status == 429 for e in errs)
+        # one waited for the database and was refused; the 49 in line behind it
+        # found that refusal when their turn came, without a transaction
+        assert a.transactions - t0 == 1
+        assert not a._lines
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_no_request_waits_in_line_longer_than_the_line_timeout(tmp_path: Any) -> None:
+    """The database holds the first request of a key for 0.6 s: the others of
+    that key give up after line_timeout with a storage error (a 503 to the
+    client), the first is answered when the database is, and the line is gone."""
+    stores, _, _ = await _shared_pair(tmp_path)
+    limiter = SharedRateLimiter(stores[0], lambda coro: None, line_timeout=0.2)
+    try:
+        k = key(rpm=100)
+        locker = asyncio.create_task(_write_locked(tmp_path, 0.6))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> tuple[str, float]:
+            t = loop.time()
+            try:
+                await limiter.admit(k, now=200.0 + i / 1000)
+                return "admitted", loop.time() - t
+            except StorageError:
+                return "timed out", loop.time() - t
+
+        results = await asyncio.gather(*(one(i) for i in range(10)))
+        await locker
+        outcomes = sorted(r for r, _ in results)
+        assert outcomes == ["admitted"] + ["timed out"] * 9
+        assert all(0.15 < dt < 0.45 for r, dt in results if r == "timed out")
+        assert [dt for r, dt in results if r == "admitted"][0] > 0.45  # it waited for the database itself
+        assert limiter.transactions == 1 and not limiter._lines
+        await limiter.admit(k, now=201.0)  # the database answers again: so does the limiter
+        assert limiter.transactions == 2
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_remembered_refusals_are_bounded(tmp_path: Any) -> None:
+    stores, _, _ = await _shared_pair(tmp_path)
+    limiter = SharedRateLimiter(stores[0], lambda coro: None, max_refusals=8)
+    try:
+        for i in range(40):
+            k = key(f"key_{i}", rpm=1)
+            await limiter.admit(k, now=300.0)
+            with pytest.raises(ProxyError):
+                await limiter.admit(k, now=300.5)
+            assert len(limiter._refused) <= 8
+        newest = limiter.transactions
+        with pytest.raises(ProxyError):
+            await limiter.admit(key("key_39", rpm=1), now=301.0)  # the newest refusal is still remembered
+        assert limiter.transactions == newest
+        with pytest.raises(ProxyError):
+            await limiter.admit(key("key_0", rpm=1), now=301.0)  # the oldest was dropped: the database says it again
+        assert limiter.transactions == newest + 1
+    finally:
+        for s in stores:
+            await s.close()
+
+
 async def test_a_clock_step_back_does_not_stretch_a_remembered_refusal(tmp_path: Any) -> None:
     stores, (a, _), _ = await _shared_pair(tmp_path)
     try:
@@ -271,3 +370,16 @@ def test_a_backend_without_rate_methods_counts_in_memory_or_is_refused(tmp_path:
     alone = parse_config({"server": {"rate_limits": "auto"}}, file="c.toml")
     assert _shared_limits(alone, SQLiteStorage("sqlite://:memory:"), 1) is False
     assert _shared_limits(alone, SQLiteStorage("sqlite://:memory:"), 3) is True
+
+
+async def test_the_sweeper_deletes_old_counts_through_an_index(tmp_path: Any) -> None:
+    """rate_prune deletes by second alone (rate_take leaves old rows to it):
+    it must not read every key's rows inside its write transaction."""
+    stores, _, _ = await _shared_pair(tmp_path)
+    try:
+        plan = await stores[0]._in_thread_tx(lambda c: c.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM rate_windows WHERE second <= ?", (5,)).fetchall(), fold=False)
+        assert "USING COVERING INDEX rate_windows_second" in " ".join(str(tuple(r)) for r in plan)
+    finally:
+        for s in stores:
+            await s.close()

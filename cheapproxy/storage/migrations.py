@@ -190,6 +190,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (key_id, second)
         ) WITHOUT ROWID""",
     )),
+    Migration("m008_rate_windows_second", (
+        # the sweeper's rate_prune deletes by second alone: without this it
+        # would read every key's rows inside its write transaction
+        "CREATE INDEX rate_windows_second ON rate_windows (second)",
+    )),
 )
 
 
