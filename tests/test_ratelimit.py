@@ -4,9 +4,10 @@ shared limiter, whose counts live in the database for every process on it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -99,7 +100,8 @@ def test_clock_step_back_does_not_corrupt_the_window() -> None:
 # ---------------------------------------------------------------- shared by processes
 
 
-async def _shared_pair(tmp_path: Any) -> tuple[list[Any], list[SharedRateLimiter], list[Any]]:
+@contextlib.asynccontextmanager
+async def _shared_pair(tmp_path: Any) -> AsyncIterator[tuple[list[Any], list[SharedRateLimiter], list[Any]]]:
     """Two storages on one SQLite file (what two worker processes open), each
     with its own shared limiter; the background token writes are collected."""
     stores = [SQLiteStorage("sqlite:///limits.db", tmp_path) for _ in range(2)]
@@ -112,12 +114,15 @@ async def _shared_pair(tmp_path: Any) -> tuple[list[Any], list[SharedRateLimiter
         tasks.append(t)
         return t
 
-    return stores, [SharedRateLimiter(s, track) for s in stores], tasks
+    try:
+        yield stores, [SharedRateLimiter(s, track) for s in stores], tasks
+    finally:
+        for s in stores:
+            await s.close()
 
 
 async def test_shared_rpm_is_one_window_for_every_process(tmp_path: Any) -> None:
-    stores, (a, b), _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, (a, b), _):
         k = key(rpm=3)
         await a.admit(k, now=1000.0)
         await b.admit(k, now=1000.1)
@@ -140,14 +145,10 @@ async def test_shared_rpm_is_one_window_for_every_process(tmp_path: Any) -> None
         await a.admit(key("unlimited"), now=1060.4)  # keys without a limit are never written
         assert await stores[1].rate_prune(1000) == 1
         assert await stores[1].rate_prune(2000) == 2
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_shared_tpm_counts_tokens_settled_on_any_process(tmp_path: Any) -> None:
-    stores, (a, b), tasks = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, (a, b), tasks):
         k = key(tpm=1000)
         await a.admit(k, now=10.0)
         a.add_tokens(k.id, 600, now=10.0)
@@ -162,16 +163,12 @@ async def test_shared_tpm_counts_tokens_settled_on_any_process(tmp_path: Any) ->
         assert (exc.value.status, exc.value.retry_after) == (429, 40)
         assert "1000 tokens per minute" in exc.value.message
         await b.admit(k, now=70.0)  # the 600 expired, 500 < 1000
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_shared_limit_admits_exactly_the_limit_under_a_race(tmp_path: Any) -> None:
     """Forty requests at once, spread over two storages on one file: exactly
     the limit gets through (the read and the count are one transaction)."""
-    stores, limiters, _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, limiters, _):
         k = key(rpm=7)
 
         async def one(i: int) -> bool:
@@ -183,9 +180,6 @@ async def test_shared_limit_admits_exactly_the_limit_under_a_race(tmp_path: Any)
 
         admitted = await asyncio.gather(*(one(i) for i in range(40)))
         assert sum(admitted) == 7
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_a_refused_flood_does_not_reach_the_database(tmp_path: Any) -> None:
@@ -193,8 +187,7 @@ async def test_a_refused_flood_does_not_reach_the_database(tmp_path: Any) -> Non
     are answered from memory until the wait they named ends, concurrent
     requests of one key take turns (one transaction at a time), and another
     process, which never saw the refusal, still counts exactly."""
-    stores, (a, b), _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, (a, b), _):
         k = key(rpm=2)
         await a.admit(k, now=100.0)
         await a.admit(k, now=100.5)
@@ -225,9 +218,6 @@ async def test_a_refused_flood_does_not_reach_the_database(tmp_path: Any) -> Non
             "SELECT second, requests FROM rate_windows WHERE key_id = ? ORDER BY second", (k.id,)).fetchall(), fold=False)
         assert [tuple(r) for r in rows] == [(100, 2), (121, 1), (160, 1)]  # refusals were never counted
         assert not a._lines  # no lock left behind per key
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def _write_locked(tmp_path: Any, seconds: float) -> None:
@@ -244,8 +234,7 @@ async def _write_locked(tmp_path: Any, seconds: float) -> None:
 
 
 async def test_requests_of_one_key_take_turns_and_reuse_a_refusal_found_while_they_waited(tmp_path: Any) -> None:
-    stores, (a, _), _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, (a, _), _):
         k = key(rpm=2)
         await a.admit(k, now=100.0)
         await a.admit(k, now=100.5)
@@ -267,18 +256,14 @@ async def test_requests_of_one_key_take_turns_and_reuse_a_refusal_found_while_th
         # found that refusal when their turn came, without a transaction
         assert a.transactions - t0 == 1
         assert not a._lines
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_no_request_waits_in_line_longer_than_the_line_timeout(tmp_path: Any) -> None:
     """The database holds the first request of a key for 0.6 s: the others of
     that key give up after line_timeout with a storage error (a 503 to the
     client), the first is answered when the database is, and the line is gone."""
-    stores, _, _ = await _shared_pair(tmp_path)
-    limiter = SharedRateLimiter(stores[0], lambda coro: None, line_timeout=0.2)
-    try:
+    async with _shared_pair(tmp_path) as (stores, _, _):
+        limiter = SharedRateLimiter(stores[0], lambda coro: None, line_timeout=0.2)
         k = key(rpm=100)
         locker = asyncio.create_task(_write_locked(tmp_path, 0.6))
         await asyncio.sleep(0.05)
@@ -301,15 +286,11 @@ async def test_no_request_waits_in_line_longer_than_the_line_timeout(tmp_path: A
         assert limiter.transactions == 1 and not limiter._lines
         await limiter.admit(k, now=201.0)  # the database answers again: so does the limiter
         assert limiter.transactions == 2
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_remembered_refusals_are_bounded(tmp_path: Any) -> None:
-    stores, _, _ = await _shared_pair(tmp_path)
-    limiter = SharedRateLimiter(stores[0], lambda coro: None, max_refusals=8)
-    try:
+    async with _shared_pair(tmp_path) as (stores, _, _):
+        limiter = SharedRateLimiter(stores[0], lambda coro: None, max_refusals=8)
         for i in range(40):
             k = key(f"key_{i}", rpm=1)
             await limiter.admit(k, now=300.0)
@@ -323,14 +304,10 @@ async def test_remembered_refusals_are_bounded(tmp_path: Any) -> None:
         with pytest.raises(ProxyError):
             await limiter.admit(key("key_0", rpm=1), now=301.0)  # the oldest was dropped: the database says it again
         assert limiter.transactions == newest + 1
-    finally:
-        for s in stores:
-            await s.close()
 
 
 async def test_a_clock_step_back_does_not_stretch_a_remembered_refusal(tmp_path: Any) -> None:
-    stores, (a, _), _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, (a, _), _):
         k = key(rpm=1)
         await a.admit(k, now=1000.0)
         with pytest.raises(ProxyError):
@@ -338,9 +315,6 @@ async def test_a_clock_step_back_does_not_stretch_a_remembered_refusal(tmp_path:
         with pytest.raises(ProxyError):
             await a.admit(k, now=900.0)  # the wall clock went back 100 s: not answered from memory ...
         assert a.transactions == 3  # ... the database is asked (and still counts the request at 1000)
-    finally:
-        for s in stores:
-            await s.close()
 
 
 def test_rate_limits_setting_picks_the_store() -> None:
@@ -375,11 +349,7 @@ def test_a_backend_without_rate_methods_counts_in_memory_or_is_refused(tmp_path:
 async def test_the_sweeper_deletes_old_counts_through_an_index(tmp_path: Any) -> None:
     """rate_prune deletes by second alone (rate_take leaves old rows to it):
     it must not read every key's rows inside its write transaction."""
-    stores, _, _ = await _shared_pair(tmp_path)
-    try:
+    async with _shared_pair(tmp_path) as (stores, _, _):
         plan = await stores[0]._in_thread_tx(lambda c: c.execute(
             "EXPLAIN QUERY PLAN DELETE FROM rate_windows WHERE second <= ?", (5,)).fetchall(), fold=False)
         assert "USING COVERING INDEX rate_windows_second" in " ".join(str(tuple(r)) for r in plan)
-    finally:
-        for s in stores:
-            await s.close()
